@@ -1,0 +1,247 @@
+"""tunelab's Python API; the CLI mirrors it one command per function.
+
+    import tunelab
+    result = tunelab.train("configs/sft-lora.yaml", ["train.max_steps=50"])
+    print(result.run_dir, result.metrics)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    build_config,
+    deep_merge,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    save_config,
+)
+from tunelab.data.pipeline import check_report, load_tokenized
+from tunelab.errors import ResumeError, TunelabError
+from tunelab.eval.metrics import evaluate_loss
+from tunelab.methods import METHODS, count_parameters
+from tunelab.models import load_model, load_tokenizer, resolve_path
+from tunelab.objectives import OBJECTIVES
+from tunelab.train import checkpoint
+from tunelab.train.loop import Loop, TrainResult
+from tunelab.train.progress import Reporter
+from tunelab.train.state import read_meta, seed_everything
+
+# Keys that may change between a run and its resume without changing what is computed.
+RESUME_SAFE = {
+    "train.eval_every", "train.save_every", "train.keep_last", "train.log_every", "train.tensorboard",
+    "train.nonfinite", "train.max_consecutive_skips", "output.dir",
+}
+
+ConfigLike = RunConfig | str | Path | dict[str, Any] | None
+
+
+def resolve_config(config: ConfigLike, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig, a dict, a YAML path or a run directory (its config.yaml), plus overrides."""
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        return build_config(deep_merge(config, parse_overrides(overrides or [])))
+    if config is not None and Path(config).is_dir():
+        config = Path(config) / "config.yaml"
+    return load_config(config, overrides)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_SAFE)
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool) -> Path | None:
+    """Returns the checkpoint to resume from (None for a fresh run)."""
+    run_dir = Path(cfg.output.dir)
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        ckpt = checkpoint.latest(ckpt_root)
+        if ckpt is None:
+            raise ResumeError(f"{run_dir}: no complete checkpoint to resume", fix="start the run without --resume")
+        changed = changed_keys(read_yaml(run_dir / "config.yaml"), cfg.to_dict())
+        if changed and not allow_changed:
+            raise ResumeError(
+                f"{run_dir}: the config differs from the run's in {', '.join(changed)}; resuming would not "
+                "continue the same run",
+                fix="resume with the run's own config (tunelab train RUN_DIR --resume), or pass --allow-changed",
+            )
+        return ckpt
+    if (run_dir / "config.yaml").exists() or checkpoint.latest(ckpt_root) is not None:
+        if not overwrite:
+            raise ResumeError(
+                f"{run_dir} already holds a run",
+                fix="pass --resume to continue it, --overwrite to start over, or set output.dir elsewhere",
+            )
+        shutil.rmtree(run_dir)
+    return None
+
+
+def train(
+    config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False,
+    allow_changed: bool = False, overwrite: bool = False, quiet: bool = False,
+) -> TrainResult:
+    """Train per the config; returns the run directory, its status and final metrics."""
+    cfg = resolve_config(config, overrides)
+    if cfg.data.train is None:
+        raise TunelabError("data.train is not set", fix="set data.train to a dataset path")
+    ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite)
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(run_dir, quiet=quiet, log_every=cfg.train.log_every)
+    seed_everything(cfg.train.seed)
+
+    objective = OBJECTIVES[cfg.objective.name]
+    tokenizer = load_tokenizer(cfg.model)
+    kw = {"mask_prompt": objective.mask_prompt, "formats": objective.formats, "log": reporter.say}
+    train_data = load_tokenized(cfg.data, "train", tokenizer, **kw)
+    eval_data = load_tokenized(cfg.data, "eval", tokenizer, **kw) if cfg.data.eval else None
+
+    model = METHODS[cfg.method.name].apply(load_model(cfg.model), cfg.method)
+    trainable, total = count_parameters(model)
+    reporter.say(
+        f"{cfg.method.name} on {cfg.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%); {len(train_data.examples):,} training examples"
+    )
+    save_config(cfg, run_dir / "config.yaml")
+    loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
+                tokenizer.pad_token_id, train_data.fingerprint, reporter)
+    if ckpt is not None:
+        if read_meta(ckpt)["data_fingerprint"] != train_data.fingerprint and not allow_changed:
+            raise ResumeError(
+                f"{ckpt}: the training data changed since this checkpoint; resuming would replay or skip samples",
+                fix="restore the original data, or pass --allow-changed",
+            )
+        loop.restore(ckpt)
+        reporter.say(f"resumed from {ckpt} (step {loop.step} of {loop.total_steps})")
+    result = loop.run()
+    if result.status == "completed":
+        save_final(loop.accelerator.unwrap_model(loop.model), tokenizer, run_dir / "final")
+        (run_dir / "summary.json").write_text(
+            json.dumps({"steps": result.steps, "trainable": trainable, "total": total, **result.metrics},
+                       indent=1), encoding="utf-8")
+        reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
+    return result
+
+
+def _fmt(m: dict[str, float]) -> str:
+    keys = ("loss", "eval_loss", "eval_perplexity")
+    return "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+
+
+def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """A peft adapter (PeftModel.from_pretrained loads it) or a full model, safetensors only."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------- loading results
+
+
+def load(
+    path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False, training: bool = False,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A run dir (its final model), a peft adapter dir, a model dir or a hub id -> (model, tokenizer)."""
+    p = Path(path)
+    if (p / "config.yaml").is_file() and (p / "final").is_dir():
+        model_cfg = resolve_config(p).model
+        return _load_model_dir(p / "final", model_cfg, training)
+    if (p / "config.yaml").is_file():
+        raise TunelabError(f"{p}: the run has no final model yet", fix="finish it with tunelab train RUN --resume")
+    cfg = ModelConfig(name_or_path=str(path), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return _load_model_dir(p, cfg, training)
+
+
+def _load_model_dir(p: Path, cfg: ModelConfig, training: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    adapter = p / "adapter_config.json"
+    if adapter.is_file():
+        base_name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        base_cfg = cfg.model_copy(update={"name_or_path": base_name}) if cfg.name_or_path == str(p) else cfg
+        base = load_model(base_cfg, training=training)
+        model = PeftModel.from_pretrained(base, str(p), is_trainable=training)
+        return model, load_tokenizer(base_cfg, str(p))
+    path = resolve_path(str(p)) if p.exists() else resolve_path(cfg.name_or_path)
+    return load_model(cfg, path, training=training), load_tokenizer(cfg, path)
+
+
+def evaluate(
+    model_path: str | Path, data: str, *, fmt: str = "auto", max_length: int = 1024, batch_size: int = 8,
+    all_tokens: bool = False,
+) -> dict[str, float]:
+    """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens)."""
+    model, tok = load(model_path)
+    dcfg = DataConfig(eval=data, format=fmt, max_length=max_length)  # type: ignore[arg-type]
+    examples = load_tokenized(dcfg, "eval", tok, mask_prompt=not all_tokens, log=lambda s: None).examples
+    return evaluate_loss(model, examples, batch_size=batch_size, pad_id=tok.pad_token_id, packing=False,
+                         max_length=max_length)
+
+
+@torch.no_grad()
+def generate(
+    model_path: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+    chat: bool = True, seed: int = 0,
+) -> str:
+    """Continue `prompt` (as a user turn through the chat template, when there is one)."""
+    model, tok = load(model_path)
+    model.eval()
+    if chat and tok.chat_template:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
+        temperature=temperature if sample else None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def export(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:
+    """Write the run's model to `out`: merged into a plain transformers model, or as its adapter."""
+    model, tok = load(run)
+    if merge and isinstance(model, PeftModel):  # a full fine-tune is already a plain model
+        model = model.merge_and_unload()
+    out = Path(out)
+    save_final(model, tok, out)
+    return out
+
+
+def data_check(config: ConfigLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    cfg = resolve_config(config, overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    return check_report(cfg.data, tokenizer, OBJECTIVES[cfg.objective.name].mask_prompt)
+
+
+def methods() -> list[dict[str, Any]]:
+    return [
+        {"name": s.name, "family": s.family, "backend": s.backend, "mergeable": s.mergeable,
+         "paper": s.paper, "summary": s.summary}
+        for s in METHODS.values()
+    ]

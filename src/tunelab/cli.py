@@ -1,0 +1,144 @@
+"""The `tunelab` command line: parse, call `tunelab.api`, print. User errors print one or two
+lines with the fix and exit non-zero (2 for bad input); no traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+from tunelab.errors import EXIT_USER_ERROR, TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Adapt causal language models with any fine-tuning technique and compare them.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+app.add_typer(data_app, name="data")
+
+OVERRIDES = typer.Argument(None, help="overrides as section.key=value, e.g. train.max_steps=200")
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=1, sort_keys=True))
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="YAML config, or a run directory (its config.yaml)"),
+    overrides: list[str] = OVERRIDES,
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+    allow_changed: bool = typer.Option(False, "--allow-changed", help="resume even if config or data changed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run in output.dir first"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a model. Exit 0: every step applied; 75: stopped by a signal, checkpointed (--resume)."""
+    from tunelab import api
+
+    result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,
+                       overwrite=overwrite, quiet=quiet)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="run dir, model dir, adapter dir or hub id"),
+    data: str = typer.Option(..., "--data", help="dataset file (jsonl/json/csv/parquet) or saved dataset dir"),
+    fmt: str = typer.Option("auto", "--format"),
+    max_length: int = typer.Option(1024, "--max-length"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    all_tokens: bool = typer.Option(False, "--all-tokens", help="score prompts too, not only assistant turns"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Loss and perplexity of a model on a dataset."""
+    from tunelab import api
+
+    m = api.evaluate(model, data, fmt=fmt, max_length=max_length, batch_size=batch_size, all_tokens=all_tokens)
+    if as_json:
+        _print_json(m)
+    else:
+        typer.echo(f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  tokens {int(m['tokens'])}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="run dir, model dir, adapter dir or hub id"),
+    prompt: str = typer.Option(..., "--prompt"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
+    no_chat: bool = typer.Option(False, "--no-chat", help="continue the raw prompt, no chat template"),
+) -> None:
+    """Generate a reply (greedy by default)."""
+    from tunelab import api
+
+    typer.echo(api.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            chat=not no_chat))
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="run dir (or adapter dir)"),
+    out: str = typer.Option(..., "--out"),
+    merge: bool = typer.Option(False, "--merge", help="merge the adapter into a plain transformers model"),
+) -> None:
+    """Export a trained model: its adapter, or merged into the base."""
+    from tunelab import api
+
+    typer.echo(str(api.export(run, out, merge=merge)))
+
+
+@data_app.command("check")
+def data_check(
+    config: str = typer.Argument(...), overrides: list[str] = OVERRIDES, as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Validate the config's datasets: report, token stats, one rendered example with its loss mask."""
+    from tunelab import api
+    from tunelab.data.pipeline import format_check_report
+
+    report = api.data_check(config, overrides or [])
+    typer.echo(json.dumps(report, indent=1, default=str) if as_json else format_check_report(report))
+
+
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The registered methods, one line each."""
+    from tunelab import api
+
+    rows = api.methods()
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        merge = "mergeable" if r["mergeable"] else "-"
+        typer.echo(f"{r['name']:<10} {r['family']:<16} {r['backend']:<5} {merge:<10} {r['paper']:<17} {r['summary']}")
+
+
+@app.command()
+def demo(out: str = typer.Option("runs/demo", "--out")) -> None:
+    """The end-to-end demo: fine-tune, evaluate before/after, generate."""
+    from tunelab.demo import run_demo
+
+    run_demo(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except TunelabError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    sys.exit(0)

@@ -1,0 +1,1 @@
+"""Data pipeline: source -> validate -> format + template -> tokenize + mask -> pack -> batches."""

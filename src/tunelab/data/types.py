@@ -1,0 +1,24 @@
+"""The record the data pipeline hands to the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE = -100  # label of a token that is not trained
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example. `labels[i]` is `input_ids[i]` where trained, IGNORE elsewhere
+    (unshifted: the loss shifts). `where` is `file:line` for messages about this example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str = ""
+
+
+@dataclass
+class TokenizedData:
+    examples: list[Example]
+    fingerprint: str  # sha256 over every example's ids and labels: refuses resume on changed data
+    stats: dict[str, object] = field(default_factory=dict)

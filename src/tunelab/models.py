@@ -1,0 +1,141 @@
+"""Load base models and tokenizers (local dir, hub id, or the embedded `tunelab-tiny`), safely.
+
+Weights load from safetensors only; a folder holding only pickle weights (.bin/.pt) is refused
+unless `model.allow_pickle` is set. `trust_remote_code` is off unless the user turns it on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from tunelab.config import ModelConfig
+from tunelab.errors import TunelabError, UnsafeFileError
+
+EMBEDDED = "tunelab-tiny"
+ASSETS = Path(__file__).parent / "assets"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Attention projections per architecture, for `target_modules: attention`.
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(name_or_path: str) -> str:
+    """`tunelab-tiny` -> the packaged base; an existing folder -> itself; anything else: a hub id."""
+    if name_or_path == EMBEDDED:
+        path = ASSETS / "tiny-base"
+        if not (path / "config.json").is_file():
+            raise TunelabError(
+                "the embedded base model tunelab-tiny is not in this install",
+                fix="set model.name_or_path to a local model folder or hub id",
+            )
+        return str(path)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise TunelabError(f"{p}: not a model folder (no config.json)", fix="point at a folder saved by save_pretrained")
+        return str(p)
+    return name_or_path
+
+
+def check_weights_safe(path: str, allow_pickle: bool) -> None:
+    """Refuse a local folder whose weights exist only as pickle files."""
+    p = Path(path)
+    if not p.is_dir() or allow_pickle:
+        return
+    has_safe = any(p.glob("*.safetensors"))
+    pickled = [f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if pickled and not has_safe:
+        raise UnsafeFileError(
+            f"{p}: weights only in pickle format ({', '.join(sorted(pickled))}); loading them can run arbitrary code",
+            fix="convert the weights to safetensors, or set model.allow_pickle=true if you trust the source",
+        )
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    path = path or resolve_path(cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"cannot load a tokenizer from {path}: {e}", fix="check model.name_or_path") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise TunelabError(f"{path}: the tokenizer has neither a pad nor an eos token", fix="add a pad token")
+        # Padding is excluded by the attention mask and the labels, never by token id, so eos is safe.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str | None = None, *, training: bool = True) -> nn.Module:
+    path = path or resolve_path(cfg.name_or_path)
+    check_weights_safe(path, cfg.allow_pickle)
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+        "use_safetensors": None if cfg.allow_pickle else True,
+        "dtype": _dtype(cfg.dtype, training),
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise TunelabError(f"cannot load a model from {path}: {e}", fix="check model.name_or_path") from None
+    return model
+
+
+def _dtype(name: str, training: bool) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    # Training keeps fp32 master weights (mixed precision comes from autocast); inference on a
+    # bf16-capable GPU can use bf16.
+    if not training and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    return AutoConfig.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def linear_targets(model: nn.Module) -> list[str]:
+    """Leaf names of every Linear/Conv1D inside the model except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, Conv1D)) and mod is not head and "score" not in name
+    }
+    return sorted(names)
+
+
+def attention_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type not in ATTENTION_TARGETS:
+        raise TunelabError(
+            f"no attention target list for architecture {model_type!r}",
+            fix=f"list modules explicitly, e.g. method.target_modules=[{','.join(linear_targets(model)[:2])}]",
+        )
+    return ATTENTION_TARGETS[model_type]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,152 @@
+"""Atomic checkpoints: temp dir -> fsync -> manifest (sha256 of each file) written last -> rename.
+
+A checkpoint directory `step-N` exists only once complete; `latest()` additionally verifies the
+manifest, so a checkpoint torn by a crash or a bad disk is never loaded. Nested state (optimizer,
+scheduler, RNG) is stored as safetensors plus a JSON skeleton: nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fault(point: str, step: int) -> None:
+    """Test hook: TUNELAB_FAULT=kill@<point>:<step> SIGKILLs this process there (crash tests)."""
+    if os.environ.get("TUNELAB_FAULT") == f"kill@{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
+    """Write a checkpoint with `write(tmp_dir)` and publish it atomically as `root/step-N`."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    _fault("save", step)
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for f in files:
+        _fsync(f)
+    manifest = {"step": step, "files": {f.name: _sha256(f) for f in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _fsync(tmp / MANIFEST)
+    final = root / f"step-{step}"
+    if final.exists():  # a stale copy of this step (e.g. from before a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    _prune(root, keep_last)
+    return final
+
+
+def verify(ckpt: Path) -> bool:
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
+        return all(_sha256(ckpt / name) == digest for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies."""
+    for _, path in _steps(root):
+        if verify(path):
+            return path
+    return None
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for _, path in _steps(root)[keep_last:]:
+        shutil.rmtree(path, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- nested state
+
+
+def save_tree(obj: Any, path_stem: Path) -> None:
+    """Store nested dicts/lists of tensors, arrays and JSON scalars as `stem.safetensors` + `stem.json`."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x.copy())
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {"__dict__": {k: enc(v) for k, v in x.items()}}
+            return {"__items__": [[enc(k), enc(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store {type(x).__name__} in a checkpoint")
+
+    skeleton = enc(obj)
+    save_file(tensors, str(path_stem) + ".safetensors")
+    Path(str(path_stem) + ".json").write_text(json.dumps(skeleton), encoding="utf-8")
+
+
+def load_tree(path_stem: Path) -> Any:
+    tensors = load_file(str(path_stem) + ".safetensors")
+    skeleton = json.loads(Path(str(path_stem) + ".json").read_text(encoding="utf-8"))
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            if "__dict__" in x:
+                return {k: dec(v) for k, v in x["__dict__"].items()}
+            if "__items__" in x:
+                return {dec(k): dec(v) for k, v in x["__items__"]}
+            if "__tuple__" in x:
+                return tuple(dec(v) for v in x["__tuple__"])
+        return x
+
+    return dec(skeleton)

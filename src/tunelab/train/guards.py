@@ -1,0 +1,62 @@
+"""Guards around the loop: stop signals turned into a checkpoint, non-finite steps caught."""
+
+from __future__ import annotations
+
+import math
+import signal
+from types import FrameType
+
+from tunelab.errors import NonFiniteError
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT asks the loop to finish its step, checkpoint and exit resumable;
+    a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, signals keep their default
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+
+class NonFiniteGuard:
+    """Decides what a step whose loss or gradient norm is NaN/inf does: halt, or skip (capped)."""
+
+    def __init__(self, policy: str, max_consecutive: int):
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+
+    def check(self, step: int, loss: float, grad_norm: float, samples: list[str]) -> bool:
+        """True when the step may apply; False to skip it; raises to halt."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.consecutive = 0
+            return True
+        what = f"loss={loss} grad_norm={grad_norm} at step {step + 1}"
+        shown = ", ".join(samples[:8]) + (" ..." if len(samples) > 8 else "")
+        if self.policy == "skip" and self.consecutive < self.max_consecutive:
+            self.consecutive += 1
+            self.skipped += 1
+            return False
+        reason = "" if self.policy == "halt" else f" ({self.consecutive} consecutive skips, the cap)"
+        raise NonFiniteError(
+            f"non-finite {what}{reason}; the optimizer step was not applied. Samples: {shown}",
+            fix="lower train.lr, check these samples, or resume from the last checkpoint with --resume",
+        )

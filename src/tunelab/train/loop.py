@@ -1,0 +1,219 @@
+"""The one training loop, on accelerate. Recipes that need more compose its parts; none copies it.
+
+One optimizer step = `grad_accum` micro-batches. Their losses are summed over tokens and divided
+by the trainable tokens of the whole accumulated batch (all processes), so batch B x accum k
+gives the same update as batch kB. Before the step: gradient clipping (pre-clip norm logged) and
+the non-finite guard. After it: the method's `on_step` hook, eval, checkpoint, stop signals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from tunelab.config import RunConfig
+from tunelab.data.types import Example
+from tunelab.errors import EXIT_RESUMABLE
+from tunelab.eval.metrics import evaluate_loss
+from tunelab.methods import METHODS
+from tunelab.objectives import OBJECTIVES
+from tunelab.train import checkpoint
+from tunelab.train.guards import NonFiniteGuard, StopSignal
+from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.progress import Reporter
+from tunelab.train.state import load_training_state, save_training_state
+from tunelab.train.stream import BatchStream, MicroBatch
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" | "interrupted"
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == "completed" else EXIT_RESUMABLE
+
+
+def mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+@dataclass
+class Loop:
+    """Everything one run's steps need; built by `tunelab.api.train`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model: nn.Module
+    train_data: list[Example]
+    eval_data: list[Example] | None
+    pad_id: int
+    data_fingerprint: str
+    reporter: Reporter
+    accelerator: Accelerator = field(init=False)
+
+    def __post_init__(self) -> None:
+        t = self.cfg.train
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision(t.precision),
+            cpu=not torch.cuda.is_available(),
+            log_with="tensorboard" if t.tensorboard else None,
+            project_dir=str(self.run_dir),
+        )
+        self.method = METHODS[self.cfg.method.name]
+        self.objective = OBJECTIVES[self.cfg.objective.name]
+        self.stream = BatchStream(
+            self.train_data, batch_size=t.batch_size, packing=self.cfg.data.packing,
+            max_length=self.cfg.data.max_length, seed=t.seed, pad_id=self.pad_id,
+            rank=self.accelerator.process_index, world=self.accelerator.num_processes,
+        )
+        self.total_steps = self._total_steps()
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "enable_input_require_grads"):
+                self.model.enable_input_require_grads()
+        opt = build_optimizer(self.model, t)
+        self.model, self.opt = self.accelerator.prepare(self.model, opt)
+        self.sched = build_scheduler(opt, t, self.total_steps)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips)
+        self.step = 0
+        self.tokens_seen = 0
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        per_step = t.grad_accum * self.accelerator.num_processes
+        steps_per_epoch = -(-self.stream.micro_batches_per_epoch() // per_step)
+        return max(1, round((t.epochs or 1.0) * steps_per_epoch))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "total_steps": self.total_steps, "data_cursor": self.stream.state(),
+            "tokens_seen": self.tokens_seen, "skipped_steps": self.guard.skipped,
+            "config_digest": self.cfg.digest(), "data_fingerprint": self.data_fingerprint,
+        }
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        return checkpoint.commit(
+            self.ckpt_root, self.step,
+            lambda d: save_training_state(d, model, self.opt, self.sched, self.meta()),
+            self.cfg.train.keep_last,
+        )
+
+    def restore(self, ckpt: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        meta = load_training_state(ckpt, model, self.opt, self.sched)
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.guard.skipped = meta["skipped_steps"]
+        self.stream.restore(meta["data_cursor"])
+
+    # ------------------------------------------------------------------ steps
+
+    def _micro_loss(self, mb: MicroBatch, n_total: int) -> float:
+        batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
+        with self.accelerator.autocast():
+            loss_sum, _ = self.objective.loss(self.model, batch, self.cfg.objective)
+        # DDP averages gradients over processes: scale so the result is sum / global tokens.
+        scale = self.accelerator.num_processes / max(n_total, 1)
+        self.accelerator.backward(loss_sum * scale)
+        return float(loss_sum.detach())
+
+    def train_step(self) -> dict[str, float]:
+        t = self.cfg.train
+        group = self.stream.next_group(t.grad_accum)
+        local = torch.tensor(sum(mb.n_trained for mb in group), device=self.accelerator.device)
+        n_total = int(self.accelerator.reduce(local, reduction="sum"))
+        loss_sum = 0.0
+        for i, mb in enumerate(group):
+            last = i == len(group) - 1
+            if last:
+                loss_sum += self._micro_loss(mb, n_total)
+            else:
+                with self.accelerator.no_sync(self.model):
+                    loss_sum += self._micro_loss(mb, n_total)
+        loss = loss_sum / max(n_total, 1)  # this process's share; exact on one process
+        clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
+        lr = self.sched.get_last_lr()[0]
+        applied = self.guard.check(self.step, loss, grad_norm, [w for mb in group for w in mb.where])
+        if applied:  # a skipped step is not counted: the run still applies every step asked for
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            self.method.on_step(self.accelerator.unwrap_model(self.model), self.cfg.method, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        n_tokens = sum(int(mb.tensors["input_ids"].numel()) for mb in group)
+        self.tokens_seen += n_tokens
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_total,
+                "tokens": n_tokens, "skipped": float(not applied)}
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_data:
+            return {}
+        d = self.cfg.data
+        out = evaluate_loss(
+            self.accelerator.unwrap_model(self.model), self.eval_data, batch_size=self.cfg.train.batch_size,
+            pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
+        )
+        return {f"eval_{k}": v for k, v in out.items()}
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        if t.tensorboard:
+            self.accelerator.init_trackers("tensorboard")
+        self.model.train()
+        last_metrics: dict[str, float] = {}
+        status = "completed"
+        with StopSignal() as stop, self.reporter.progress(self.total_steps, self.step) as bar:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                m = self.train_step()
+                m["tokens_per_s"] = m["tokens"] / max(time.perf_counter() - t0, 1e-9)
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    m.update(self.evaluate())
+                    self.model.train()
+                self._log(m, bar)
+                last_metrics = m
+                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                    self.save()
+                if stop.requested:
+                    status = "interrupted"
+                    self.reporter.say(f"{stop.requested}: checkpointing step {self.step}; `--resume` continues")
+                    break
+        final = self.evaluate() if status == "completed" else {}
+        if final:
+            self._log({"step": self.step, **final}, None)
+        self.save()
+        self.accelerator.end_training()
+        return TrainResult(self.run_dir, status, self.step, {**last_metrics, **final})
+
+    def _log(self, m: dict[str, float], bar: Any) -> None:
+        m = {"step": self.step, **m}
+        self.reporter.metrics(m)
+        if self.cfg.train.tensorboard:
+            self.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=self.step)
+        if bar is not None:
+            bar.update(self.step, m)

@@ -1,0 +1,60 @@
+"""What a run tells its user: a progress bar (loss, lr, tokens/s, ETA), messages, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Bar:
+    def __init__(self, progress: Progress | None, task: Any, console: Console, every: int):
+        self.progress, self.task, self.console, self.every = progress, task, console, every
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        text = f"loss {m['loss']:.4f} lr {m['lr']:.2e} {m['tokens_per_s']:,.0f} tok/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, stats=text)
+        elif step % self.every == 0:
+            extra = "".join(f" {k} {v:.4f}" for k, v in m.items() if k.startswith("eval_"))
+            self.console.print(f"step {step}: {text}{extra}", highlight=False)
+
+
+class Reporter:
+    """Writes metrics.jsonl and talks to the user (stderr); quiet=True only writes."""
+
+    def __init__(self, run_dir: Path | None, quiet: bool = False, log_every: int = 1):
+        self.path = run_dir / "metrics.jsonl" if run_dir else None
+        self.console = Console(stderr=True, quiet=quiet)
+        self.quiet = quiet
+        self.log_every = log_every
+
+    def say(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def metrics(self, m: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in m.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    @contextmanager
+    def progress(self, total: int, done: int) -> Iterator[Bar]:
+        if self.quiet or not sys.stderr.isatty():
+            yield Bar(None, None, self.console, max(self.log_every, total // 20 or 1))
+            return
+        columns = (
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console, transient=False) as p:
+            task = p.add_task("train", total=total, completed=done, stats="")
+            yield Bar(p, task, self.console, self.log_every)

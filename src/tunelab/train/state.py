@@ -1,0 +1,80 @@
+"""What a checkpoint holds, and putting it back: trainable weights, optimizer, scheduler, RNGs,
+the data cursor, counters, and digests of the config and the data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab.train.checkpoint import load_tree, save_tree
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+
+
+def save_training_state(
+    d: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]
+) -> None:
+    save_file(trainable_state(model), str(d / "trainable.safetensors"))
+    save_tree(opt.state_dict(), d / "optimizer")
+    save_tree(sched.state_dict(), d / "scheduler")
+    save_tree(rng_state(), d / "rng")
+    (d / "trainer_state.json").write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def read_meta(d: Path) -> dict[str, Any]:
+    return json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def load_training_state(d: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    load_trainable(model, load_file(str(d / "trainable.safetensors")))
+    opt.load_state_dict(load_tree(d / "optimizer"))
+    sched.load_state_dict(load_tree(d / "scheduler"))
+    set_rng_state(load_tree(d / "rng"))
+    return read_meta(d)

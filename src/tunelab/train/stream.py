@@ -1,0 +1,87 @@
+"""The deterministic stream of micro-batches: order from (seed, epoch), a cursor for exact resume.
+
+Each epoch shuffles the examples with its own seed; with packing, the shuffled examples are
+packed into rows of at most `max_length` tokens and the rows shuffled again. Micro-batches of
+`batch_size` rows follow in order; in a multi-process run, process r takes every W-th one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.data.collate import collate, pack
+from tunelab.data.types import IGNORE, Example
+
+
+@dataclass
+class MicroBatch:
+    tensors: dict[str, torch.Tensor]
+    where: list[str]  # file:line of every example in it
+    n_trained: int  # tokens that carry a loss (shifted labels != IGNORE)
+
+
+def epoch_rows(lengths: list[int], seed: int, epoch: int, packing: bool, max_length: int) -> list[list[int]]:
+    rng = random.Random(f"{seed}/{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not packing:
+        return [[i] for i in order]
+    bins = pack([lengths[i] for i in order], max_length)
+    rows = [[order[j] for j in b] for b in bins]
+    rng.shuffle(rows)
+    return rows
+
+
+class BatchStream:
+    def __init__(
+        self, examples: list[Example], *, batch_size: int, packing: bool, max_length: int, seed: int,
+        pad_id: int, rank: int = 0, world: int = 1,
+    ):
+        self.examples = examples
+        self.lengths = [len(e.input_ids) for e in examples]
+        self.batch_size, self.packing, self.max_length = batch_size, packing, max_length
+        self.seed, self.pad_id, self.rank, self.world = seed, pad_id, rank, world
+        self.epoch, self.index, self.samples = 0, 0, 0
+        self._rows = self._epoch(0)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return epoch_rows(self.lengths, self.seed, epoch, self.packing, self.max_length)
+
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self._rows) / self.batch_size)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "samples": self.samples, "seed": self.seed}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self.samples = state["epoch"], state["index"], state["samples"]
+        self._rows = self._epoch(self.epoch)
+
+    def _next_rows(self) -> list[list[int]]:
+        if self.index >= len(self._rows):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._rows = self._epoch(self.epoch)
+        rows = self._rows[self.index : self.index + self.batch_size]
+        self.index += len(rows)
+        self.samples += sum(len(r) for r in rows)
+        return rows
+
+    def next_group(self, n: int) -> list[MicroBatch]:
+        """The next `n` micro-batches of this process (the others' are consumed and dropped)."""
+        out = []
+        for _ in range(n):
+            for r in range(self.world):
+                rows = self._next_rows()
+                if r == self.rank:
+                    out.append(self._collate(rows))
+        return out
+
+    def _collate(self, rows: list[list[int]]) -> MicroBatch:
+        exs = [[self.examples[i] for i in row] for row in rows]
+        tensors = collate(exs, pad_id=self.pad_id, packed=self.packing)
+        n_trained = int((tensors["labels"][:, 1:] != IGNORE).sum())
+        return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained)
