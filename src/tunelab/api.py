@@ -28,16 +28,17 @@ from tunelab.config import (
     read_yaml,
     save_config,
 )
-from tunelab.data.pipeline import check_report, load_tokenized
+from tunelab.data.pipeline import load_tokenized
+from tunelab.data.report import check_report
 from tunelab.errors import ResumeError, TunelabError
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS, count_parameters
 from tunelab.models import load_model, load_tokenizer, resolve_path
 from tunelab.objectives import OBJECTIVES
-from tunelab.train import checkpoint
-from tunelab.train.loop import Loop, TrainResult
-from tunelab.train.progress import Reporter
-from tunelab.train.state import read_meta, seed_everything
+from tunelab.training import checkpoint
+from tunelab.training.loop import Loop, TrainResult
+from tunelab.training.progress import Reporter
+from tunelab.training.state import read_meta, seed_everything
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUME_SAFE = {

@@ -4,6 +4,7 @@ lines with the fix and exit non-zero (2 for bad input); no traceback."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -93,7 +94,7 @@ def data_check(
 ) -> None:
     """Validate the config's datasets: report, token stats, one rendered example with its loss mask."""
     from tunelab import api
-    from tunelab.data.pipeline import format_check_report
+    from tunelab.data.report import format_check_report
 
     report = api.data_check(config, overrides or [])
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else format_check_report(report))
@@ -121,9 +122,23 @@ def demo(out: str = typer.Option("runs/demo", "--out")) -> None:
     run_demo(out)
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (per-file progress bars, deprecation notes aimed at library authors) hides
+    what tunelab says; keep errors."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except TunelabError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -141,4 +156,4 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunelab.train.checkpoint import load_tree, save_tree
+from tunelab.training.checkpoint import load_tree, save_tree
 
 
 def seed_everything(seed: int) -> None:

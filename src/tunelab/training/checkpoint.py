@@ -41,10 +41,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fault(point: str, step: int) -> None:
-    """Test hook: TUNELAB_FAULT=kill@<point>:<step> SIGKILLs this process there (crash tests)."""
-    if os.environ.get("TUNELAB_FAULT") == f"kill@{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_point(point: str, step: int) -> None:
+    """Crash-test hook: TUNELAB_FAULT=<kill|term>@<point>:<step> sends SIGKILL/SIGTERM to this
+    process at that point (`save`: mid-checkpoint, `step`: after an optimizer step)."""
+    spec = os.environ.get("TUNELAB_FAULT")
+    if spec and spec.partition("@")[2] == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL if spec.startswith("kill") else signal.SIGTERM)
 
 
 def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
@@ -54,7 +56,7 @@ def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
-    _fault("save", step)
+    fault_point("save", step)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for f in files:
         _fsync(f)

@@ -8,6 +8,7 @@ the non-finite guard. After it: the method's `on_step` hook, eval, checkpoint, s
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,17 @@ from tunelab.errors import EXIT_RESUMABLE
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
-from tunelab.train import checkpoint
-from tunelab.train.guards import NonFiniteGuard, StopSignal
-from tunelab.train.optim import build_optimizer, build_scheduler
-from tunelab.train.progress import Reporter
-from tunelab.train.state import load_training_state, save_training_state
-from tunelab.train.stream import BatchStream, MicroBatch
+from tunelab.training import checkpoint
+from tunelab.training.guards import NonFiniteGuard, StopSignal
+from tunelab.training.optim import build_optimizer, build_scheduler
+from tunelab.training.progress import Reporter
+from tunelab.training.state import load_training_state, save_training_state
+from tunelab.training.stream import BatchStream, MicroBatch
+
+
+def _digest(group: list[MicroBatch]) -> str:
+    """Short id of the samples in a step: lets a resumed run prove it saw the same order."""
+    return hashlib.sha1("|".join(w for mb in group for w in mb.where).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -165,10 +171,10 @@ class Loop:
             self.step += 1
             self.method.on_step(self.accelerator.unwrap_model(self.model), self.cfg.method, self.step)
         self.opt.zero_grad(set_to_none=True)
-        n_tokens = sum(int(mb.tensors["input_ids"].numel()) for mb in group)
+        n_tokens = sum(mb.n_real for mb in group)
         self.tokens_seen += n_tokens
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_total,
-                "tokens": n_tokens, "skipped": float(not applied)}
+                "tokens": n_tokens, "padded_tokens": sum(int(mb.tensors["input_ids"].numel()) for mb in group), "skipped": float(not applied), "batch": _digest(group)}
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:
@@ -187,16 +193,20 @@ class Loop:
         self.model.train()
         last_metrics: dict[str, float] = {}
         status = "completed"
+        start = time.perf_counter()
         with StopSignal() as stop, self.reporter.progress(self.total_steps, self.step) as bar:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 m = self.train_step()
-                m["tokens_per_s"] = m["tokens"] / max(time.perf_counter() - t0, 1e-9)
+                m["step_time"] = time.perf_counter() - t0
+                m["tokens_per_s"] = m["tokens"] / max(m["step_time"], 1e-9)
+                m["elapsed"] = time.perf_counter() - start
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     m.update(self.evaluate())
                     self.model.train()
                 self._log(m, bar)
                 last_metrics = m
+                checkpoint.fault_point("step", self.step)
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                     self.save()
                 if stop.requested:
@@ -214,6 +224,7 @@ class Loop:
         m = {"step": self.step, **m}
         self.reporter.metrics(m)
         if self.cfg.train.tensorboard:
-            self.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=self.step)
+            numeric = {k: v for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
+            self.accelerator.log(numeric, step=self.step)
         if bar is not None:
             bar.update(self.step, m)

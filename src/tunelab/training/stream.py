@@ -22,6 +22,7 @@ class MicroBatch:
     tensors: dict[str, torch.Tensor]
     where: list[str]  # file:line of every example in it
     n_trained: int  # tokens that carry a loss (shifted labels != IGNORE)
+    n_real: int  # tokens that are not padding
 
 
 def epoch_rows(lengths: list[int], seed: int, epoch: int, packing: bool, max_length: int) -> list[list[int]]:
@@ -84,4 +85,5 @@ class BatchStream:
         exs = [[self.examples[i] for i in row] for row in rows]
         tensors = collate(exs, pad_id=self.pad_id, packed=self.packing)
         n_trained = int((tensors["labels"][:, 1:] != IGNORE).sum())
-        return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained)
+        n_real = sum(len(e.input_ids) for row in exs for e in row)
+        return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained, n_real)

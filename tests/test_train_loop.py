@@ -1,0 +1,142 @@
+"""The one loop: accumulation invariance, the non-finite guard, checkpoints, peft/transformers loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import tunelab
+from tunelab.data.types import IGNORE
+from tunelab.errors import NonFiniteError, ResumeError
+from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.lm import token_nll_sum
+from tunelab.training import checkpoint
+
+
+def run_cfg(model_dir: Path, data: tuple[Path, Path], out: Path, **train) -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(data[0]), "eval": str(data[1]), "max_length": 64},
+        "method": {"name": "lora", "r": 4, "dropout": 0.0},
+        "objective": {"name": "sft"},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "tensorboard": False, "precision": "fp32", **train},
+        "output": {"dir": str(out)},
+    }
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(final / name))
+
+
+def test_fully_masked_batch_gives_zero_loss_not_nan():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE)
+    loss, n = token_nll_sum(logits, labels)
+    assert float(loss) == 0.0 and int(n) == 0
+    (loss / max(int(n), 1)).backward()
+    assert torch.isfinite(logits.grad).all() and float(logits.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_accumulation_matches_big_batch(llama_dir, chat_data, tmp_path, packing):
+    """batch 8 x accum 1 and batch 1 x accum 8 apply the same update (mixed lengths)."""
+    results = []
+    for bs, acc in ((8, 1), (1, 8)):
+        cfg = run_cfg(llama_dir, chat_data, tmp_path / f"{bs}x{acc}", max_steps=1, batch_size=bs, grad_accum=acc)
+        cfg["method"] = {"name": "full"}
+        cfg["data"]["packing"] = packing
+        tunelab.train(cfg, quiet=True)
+        results.append(weights(tmp_path / f"{bs}x{acc}"))
+    base = load_file(str(llama_dir / "model.safetensors"))
+    a, b = results
+    assert any(not torch.equal(a[k], base[k]) for k in base), "the step changed nothing"
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+
+
+def test_nan_halts_before_the_step_and_keeps_last_checkpoint(llama_dir, chat_data, tmp_path, monkeypatch):
+    spec = OBJECTIVES["sft"]
+    calls = {"n": 0}
+
+    def poisoned(model, batch, cfg):
+        calls["n"] += 1
+        loss, n = spec.loss(model, batch, cfg)
+        return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
+
+    monkeypatch.setitem(OBJECTIVES, "sft", dataclasses.replace(spec, loss=poisoned))
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteError, match="step 5"):
+        tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=8, save_every=2), quiet=True)
+    assert checkpoint.latest(out / "checkpoints").name == "step-4"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and not (out / "final").exists()
+
+
+def test_skip_policy_skips_and_still_applies_every_step(llama_dir, chat_data, tmp_path, monkeypatch):
+    spec = OBJECTIVES["sft"]
+    calls = {"n": 0}
+
+    def poisoned(model, batch, cfg):
+        calls["n"] += 1
+        loss, n = spec.loss(model, batch, cfg)
+        return (loss * float("inf"), n) if calls["n"] == 2 else (loss, n)
+
+    monkeypatch.setitem(OBJECTIVES, "sft", dataclasses.replace(spec, loss=poisoned))
+    out = tmp_path / "skip"
+    result = tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=4, nonfinite="skip"), quiet=True)
+    assert result.status == "completed" and result.steps == 4
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped", 0) for r in rows) == 1
+
+
+def test_incomplete_checkpoint_is_never_loaded(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        checkpoint.commit(root, step, lambda d: (d / "w.txt").write_text("x"), keep_last=5)
+    (root / "step-6" / "w.txt").write_text("torn")  # bytes no longer match the manifest
+    (root / "step-8").mkdir()  # no manifest at all
+    (root / ".tmp-step-10-1").mkdir()  # a crashed write
+    assert checkpoint.latest(root).name == "step-4"
+
+
+def test_keep_last_prunes_only_after_commit(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        checkpoint.commit(root, step, lambda d: (d / "w.txt").write_text("x"), keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+
+
+def test_existing_run_is_not_overwritten_silently(llama_dir, chat_data, tmp_path):
+    out = tmp_path / "again"
+    tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=1), quiet=True)
+    with pytest.raises(ResumeError, match="already holds a run"):
+        tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=1), quiet=True)
+    with pytest.raises(ResumeError, match="train.lr"):
+        tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=1, lr=0.5), quiet=True, resume=True)
+
+
+def test_adapter_loads_in_plain_peft_and_merged_export_in_transformers(llama_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=3), quiet=True)
+    ids = torch.randint(3, 300, (2, 10))
+    ours, _ = tunelab.load(out)
+    base = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    theirs = PeftModel.from_pretrained(base, str(out / "final")).eval()
+    with torch.no_grad():
+        want = ours.eval()(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(str(llama_dir))(input_ids=ids).logits, want)
+        merged_dir = tunelab.export(out, tmp_path / "merged", merge=True)
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert not any(p.suffix in {".bin", ".pt"} for p in merged_dir.iterdir())
