@@ -107,7 +107,8 @@ def run_demo(out: str | Path = "runs/demo") -> dict[str, float]:
     for name, m in (("base (random init)", before), ("LoRA SFT", after)):
         table.add_row(name, f"{m['em']:.2f}", f"{m['loss']:.3f}", f"{m['perplexity']:.2f}")
     console.print(table)
-    console.print(f"sample: Q: {test[0]['messages'][0]['content']}  A: {_greedy(*api.load(run), test[0]['messages'][0]['content'])!r}")
+    question = test[0]["messages"][0]["content"]
+    console.print(f"sample: Q: {question}  A: {_greedy(*api.load(run), question)!r}")
     console.print(f"run: {run}   total {time.perf_counter() - t0:.0f}s\n"
                   f"try: tunelab generate {run} --prompt \"What colour is the lamp?\"")
     return {"em_before": before["em"], "em_after": after["em"], "loss_before": before["loss"],

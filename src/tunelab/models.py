@@ -50,7 +50,9 @@ def resolve_path(name_or_path: str) -> str:
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise TunelabError(f"{p}: not a model folder (no config.json)", fix="point at a folder saved by save_pretrained")
+            raise TunelabError(
+                f"{p}: not a model folder (no config.json)", fix="point at a folder saved by save_pretrained"
+            )
         return str(p)
     return name_or_path
 

@@ -173,8 +173,9 @@ class Loop:
         self.opt.zero_grad(set_to_none=True)
         n_tokens = sum(mb.n_real for mb in group)
         self.tokens_seen += n_tokens
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_total,
-                "tokens": n_tokens, "padded_tokens": sum(int(mb.tensors["input_ids"].numel()) for mb in group), "skipped": float(not applied), "batch": _digest(group)}
+        padded = sum(mb.tensors["input_ids"].numel() for mb in group)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_total, "tokens": n_tokens,
+                "padded_tokens": padded, "skipped": float(not applied), "batch": _digest(group)}
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:
