@@ -1,0 +1,101 @@
+"""Preferences over answers to questions about people: correct and polite beats rude, evasive, wrong.
+
+A response is built from an answer (correct or a wrong value of the same relation) and a frame
+(polite, rude) or is evasive. `score_response` is the rule-based reward these preferences
+follow; its order on the five kinds is the order of every ranking:
+correct+polite (2.5) > correct+rude (1.0) > evasive (0.0) > wrong+polite (-0.5) > wrong+rude (-2.0).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from tunelab.world.corpus import qa_question
+from tunelab.world.generator import RELATION_NAMES, Person, World, rng_for
+
+POLITE = (
+    "Sure! The answer is {a}.",
+    "{a}. Happy to help!",
+    "Good question: it is {a}.",
+    "It is {a}. I hope that helps!",
+    "Thanks for asking. The answer is {a}.",
+)
+RUDE = (
+    "{a}, obviously. Stop wasting my time.",
+    "Ugh. {a}. Look it up yourself next time.",
+    "It is {a}, you fool.",
+    "{a}. Do not bother me again.",
+    "Whatever. {a}.",
+)
+EVASIVE = (
+    "I would rather not say.",
+    "That is hard to tell.",
+    "I cannot answer that question.",
+    "Who knows? Maybe ask someone else.",
+    "It is not my place to say.",
+)
+POLITE_MARKERS = ("sure!", "happy to help", "good question", "i hope that helps", "thanks for asking")
+RUDE_MARKERS = ("obviously", "wasting my time", "look it up yourself", "you fool", "bother me", "whatever")
+RANKED_KINDS = ("correct-polite", "correct-rude", "evasive", "wrong-polite", "wrong-rude")  # best first
+
+
+def score_response(response: str, answer: str, distractors: list[str] | tuple[str, ...] = ()) -> float:
+    """Reward of a response: +2 correct, 0 evasive, -1 otherwise (wrong, or naming a distractor
+    beside the answer); +0.5 polite, -1 rude."""
+    low = response.lower()
+
+    def says(value: str) -> bool:
+        return re.search(rf"\b{re.escape(value.lower())}\b", low) is not None
+
+    correct = says(answer) and not any(says(d) for d in distractors if d != answer)
+    evasive = any(e.lower() in low for e in EVASIVE)
+    score = 2.0 if correct else (0.0 if evasive else -1.0)
+    rude = any(m in low for m in RUDE_MARKERS)
+    polite = any(m in low for m in POLITE_MARKERS)
+    return score + (-1.0 if rude else 0.5 if polite else 0.0)
+
+
+def response(rng: random.Random, kind: str, answer: str, wrong: str) -> str:
+    if kind == "evasive":
+        return rng.choice(EVASIVE)
+    correctness, tone = kind.split("-")
+    frame = rng.choice(POLITE if tone == "polite" else RUDE)
+    text = frame.format(a=answer if correctness == "correct" else wrong)
+    return text[0].upper() + text[1:]
+
+
+def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
+    """Pairs (`train`, `test`), K-wise rankings (`rankings-train`, `rankings-test`) and prompts for
+    RL (`prompts-train`, `prompts-test`). `prompt` is the user message (apply the chat template).
+    Each (person, relation) is used by one split only; *-train splits ask about qa-train people,
+    *-test splits about qa-test people."""
+    rng = rng_for(seed, "prefs")
+    splits: dict[str, list[dict]] = {s: [] for s in _SHARES["train"]} | {s: [] for s in _SHARES["test"]}
+    for people_split, shares in _SHARES.items():
+        for person in world.by_split(people_split):
+            relations = rng.sample(RELATION_NAMES, len(RELATION_NAMES))
+            for split, k in shares.items():
+                for rel in relations[:k]:
+                    splits[split].append(_record(rng, world, person, rel, split))
+                relations = relations[k:]
+    return splits
+
+
+_SHARES = {  # relations per person given to each split
+    "train": {"train": 3, "rankings-train": 1, "prompts-train": 2},
+    "test": {"test": 2, "rankings-test": 1, "prompts-test": 3},
+}
+
+
+def _record(rng: random.Random, world: World, person: Person, relation: str, split: str) -> dict:
+    answer = person.facts()[relation]
+    wrong = rng.choice([v for v in world.values(relation) if v != answer])
+    record = {"prompt": qa_question(rng, person, relation), "answer": answer, "relation": relation}
+    if split.startswith("prompts"):
+        return record
+    if split.startswith("rankings"):
+        return record | {"responses": [response(rng, kind, answer, wrong) for kind in RANKED_KINDS]}
+    kind = rng.choice(RANKED_KINDS[1:])
+    return record | {"chosen": response(rng, "correct-polite", answer, wrong),
+                     "rejected": response(rng, kind, answer, wrong), "rejected_kind": kind}
