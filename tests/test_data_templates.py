@@ -13,7 +13,8 @@ from tunelab.data.templates import BUILTIN_TEMPLATES
 from tunelab.data.types import IGNORE
 from tunelab.errors import DataError
 
-SYSTEM, Q1, A1, Q2, A2 = "You are helpful.", "Hello there.", "Hi, how can I help?", "Tell me about Paris.", "Paris is a city."
+SYSTEM, Q1, A1 = "You are helpful.", "Hello there.", "Hi, how can I help?"
+Q2, A2 = "Tell me about Paris.", "Paris is a city."
 RECORD = chat(Q1, A1, Q2, A2, system=SYSTEM)
 # What a trained assistant turn decodes to, per template: (text before the content, end-of-turn marker).
 EXPECTED = {
@@ -35,7 +36,7 @@ def trained_runs(tok: Any, ids: list[int], labels: list[int]) -> list[list[int]]
     """Maximal runs of consecutive trained tokens."""
     runs: list[list[int]] = []
     prev = False
-    for t, label in zip(ids, labels):
+    for t, label in zip(ids, labels, strict=True):
         if label != IGNORE:
             if not prev:
                 runs.append([])
@@ -57,8 +58,8 @@ def test_builtin_masks_prompt_and_trains_end_of_turn(tok, name):
     assert [tok.decode(r) for r in runs] == [lead + A1 + eot, lead + A2 + eot]
     assert all(r[-1] == eot_id for r in runs)
     # labels equal ids where trained; everything else (system, users, headers) is masked
-    assert all(label in (IGNORE, t) for t, label in zip(ids, labels))
-    masked = tok.decode([t for t, label in zip(ids, labels) if label == IGNORE])
+    assert all(label in (IGNORE, t) for t, label in zip(ids, labels, strict=True))
+    masked = tok.decode([t for t, label in zip(ids, labels, strict=True) if label == IGNORE])
     for prompt_text in (SYSTEM, Q1, Q2):
         assert prompt_text in masked
     # the full sequence is exactly the template's rendering
@@ -69,7 +70,8 @@ def test_builtin_masks_prompt_and_trains_end_of_turn(tok, name):
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_builtin_generation_prompt_is_prefix_of_the_answer(tok, name):
     src = BUILTIN_TEMPLATES[name]
-    prompt = tok.apply_chat_template(RECORD["messages"][:2], tokenize=False, chat_template=src, add_generation_prompt=True)
+    msgs = RECORD["messages"]
+    prompt = tok.apply_chat_template(msgs[:2], tokenize=False, chat_template=src, add_generation_prompt=True)
     full = tok.apply_chat_template(RECORD["messages"][:3], tokenize=False, chat_template=src)
     assert full.startswith(prompt) and len(full) > len(prompt)
 
@@ -127,13 +129,24 @@ def test_unknown_template_name(tok):
         render_example(RECORD, "chat", tok, mask_prompt=True, chat_template="vicuna")
 
 
-@pytest.mark.parametrize(("name", "marker"), [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>")])
+@pytest.mark.parametrize(
+    ("name", "marker"), [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>")]
+)
 def test_tokenizer_without_the_templates_tokens_is_refused(name, marker):
     bare = make_tokenizer(with_template_tokens=False)
     with pytest.raises(DataError) as e:
         render_example(RECORD, "chat", bare, mask_prompt=True, chat_template=name)
     assert f"the tokenizer has no {marker!r} token" in e.value.message
     assert "matches its tokenizer" in e.value.fix
+
+
+def test_fallback_template_missing_from_the_vocabulary_says_so():
+    bare = make_tokenizer(with_template_tokens=False)
+    with pytest.raises(DataError, match="no chat template, and no '<\\|im_end\\|>' token") as e:
+        render_example(RECORD, "chat", bare, mask_prompt=True, chat_template=None)
+    assert "zephyr" in e.value.fix
+    ids, labels = render_example(RECORD, "chat", bare, mask_prompt=True, chat_template="zephyr")
+    assert [bare.decode(r) for r in trained_runs(bare, ids, labels)] == [A1 + "</s>", A2 + "</s>"]
 
 
 def test_custom_template_with_an_unknown_end_marker_is_refused(tok):
@@ -149,11 +162,14 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
 
 
 def test_template_error_is_a_record_problem(tmp_path, tok):
-    strict = "{% if messages[-1]['role'] == 'user' %}{{ raise_exception('no') }}{% endif %}" + BUILTIN_TEMPLATES["chatml"]
-    path = write_jsonl(tmp_path / "c.jsonl", [RECORD, chat(Q1, A1, Q2)])
+    strict = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no forbidden words') }}"
+        "{% endif %}{% endfor %}" + BUILTIN_TEMPLATES["chatml"]
+    )
+    path = write_jsonl(tmp_path / "c.jsonl", [RECORD, chat("A forbidden question.", A1)])
     with pytest.raises(DataError) as e:
         load_tokenized(DataConfig(train=str(path), chat_template=strict), "train", tok, mask_prompt=True, log=print)
-    assert e.value.problems[0].startswith(f"{path}:1: chat template 'data.chat_template' failed: no")
+    assert e.value.problems == [f"{path}:2: chat template 'data.chat_template' failed: no forbidden words"]
 
 
 class _Slow:

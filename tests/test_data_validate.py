@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.data_fixtures import chat, make_tokenizer, write_jsonl
 
+from tests.data_fixtures import chat, make_tokenizer, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data.formats import chat_messages, instruction_messages
 from tunelab.data.pipeline import detect_format, load_tokenized
@@ -94,9 +94,8 @@ def test_zero_trainable_after_truncation_is_listed_but_not_bad(bad_file, tok):
 def test_skip_counts_per_reason(bad_file, tok):
     path, _ = bad_file
     logs: list[str] = []
-    data = load_tokenized(
-        cfg(path, overlength="raise", on_error="skip", max_bad_fraction=1.0), "train", tok, mask_prompt=True, log=logs.append
-    )
+    skip = cfg(path, overlength="raise", on_error="skip", max_bad_fraction=1.0)
+    data = load_tokenized(skip, "train", tok, mask_prompt=True, log=logs.append)
     assert data.stats["bad_by_reason"] == {
         "bad JSON": 1, "not an object": 1, "wrong type": 1, "missing field": 1, "empty text": 1,
         "bad role": 1, "no assistant turn": 1, "over-length": 2, "invalid UTF-8": 1,

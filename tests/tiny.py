@@ -23,7 +23,7 @@ from tunelab.bpe import train_bpe
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "gpt_neox"]
 _COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-               max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+               max_position_embeddings=256, bos_token_id=1, eos_token_id=1, pad_token_id=0)
 
 COLOURS = ["red", "blue", "green", "amber", "violet", "teal", "olive", "coral"]
 THINGS = ["apple", "river", "stone", "cloud", "lamp", "chair", "road", "seed"]
@@ -53,7 +53,7 @@ def config(arch: str, vocab: int, **kw):
         return Phi3Config(num_key_value_heads=2, **c)
     if arch == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, vocab_size=vocab,
-                          bos_token_id=0, eos_token_id=0)
+                          bos_token_id=1, eos_token_id=1)
     if arch == "gpt_neox":
         return GPTNeoXConfig(**c)
     raise ValueError(arch)

@@ -1,41 +1,38 @@
 """Train a small byte-level BPE tokenizer with a chat template, offline (`tokenizers`).
 
-Used to build the embedded base's tokenizer and the tiny models of the demo and the tests.
+Used to build the embedded base's tokenizer and the tiny models of the demo and the tests. The
+special tokens and the ChatML template are TinyWorld's (`tunelab.world.chat`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+from tunelab.world.chat import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 
-def train_bpe(
-    texts: Iterable[str], vocab_size: int = 1024, special_tokens: list[str] | None = None,
-    chat_template: str = CHATML_TEMPLATE, extra_special: list[str] | None = None,
-) -> PreTrainedTokenizerFast:
-    """A fast tokenizer: eos `<|endoftext|>`, pad `<|pad|>`, ChatML end-of-turn `<|im_end|>`."""
-    special = list(special_tokens or SPECIAL_TOKENS) + list(extra_special or [])
+def train_bpe(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A fast tokenizer: pad `<|pad|>`, eos `<|endoftext|>`, ChatML turns ending in `<|im_end|>`."""
     tok = Tokenizer(models.BPE())
     # add_prefix_space: a name tokenizes the same at a document's start and after a special token.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    # Train on the text between special tokens, as it is split at encoding time; otherwise the
+    # merges learn "<|im_start|>user" pieces and miss the segments that actually occur.
+    split = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    tok.train_from_iterator((seg for text in texts for seg in split.split(text) if seg), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=special[0], pad_token=special[1], bos_token=None,
-        additional_special_tokens=special[2:],
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=None,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
     )
-    fast.chat_template = chat_template
+    fast.chat_template = CHAT_TEMPLATE
     return fast

@@ -178,7 +178,7 @@ def check_messages(messages: object, key: str, *, need_assistant: bool) -> Probl
     if roles[0] == "assistant":
         return Problem("bad order", "message 1 is an assistant turn; a chat starts with a system or user message")
     if need_assistant and not any(
-        role == "assistant" and message_content(m, sharegpt).strip() for role, m in zip(roles, messages)
+        role == "assistant" and message_content(m, sharegpt).strip() for role, m in zip(roles, messages, strict=True)
     ):
         return Problem("no assistant turn", "no assistant turn with non-empty content (nothing to train on)")
     return None

@@ -1,0 +1,239 @@
+"""The data pipeline's entry point: a dataset file in, tokenized and masked examples out.
+
+read (sources) -> validate -> render through the chat template and tokenize with labels (formats,
+templates) -> over-length policy -> drop examples with nothing to train. Every bad record of the
+file is collected before anything is raised, so one run lists them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tunelab.config import DataConfig
+from tunelab.data.formats import RENDERED, to_messages
+from tunelab.data.sources import read_records
+from tunelab.data.templates import ChatTemplate, resolve_template, tokenize_chat, tokenize_text
+from tunelab.data.types import IGNORE, Example, TokenizedData
+from tunelab.data.validate import RecordError, detect_format, resolve_format, validate_record
+from tunelab.errors import DataError
+from tunelab.world.resolve import is_tinyworld, resolve_task
+
+__all__ = ["load_tokenized", "read_records", "detect_format", "render_example", "fingerprint", "split_path"]
+
+Log = Callable[[str], Any]
+
+
+def render_example(
+    record: dict[str, Any], fmt: str, tokenizer: Any, *, mask_prompt: bool, chat_template: str | ChatTemplate | None
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (IGNORE where not trained) of one record of format `fmt`.
+
+    `chat_template`: built-in name, .jinja path, Jinja source, or None for the tokenizer's own.
+    Raises RecordError (a DataError) when the record is unusable.
+    """
+    if fmt not in RENDERED:
+        raise DataError(f"format {fmt!r} is not turned into tokens here; renderable: {', '.join(RENDERED)}")
+    problem = validate_record(record, fmt)
+    if problem is not None:
+        raise RecordError(problem.kind, problem.reason)
+    if fmt == "text":
+        return tokenize_text(tokenizer, record["text"])
+    template = resolve_template(chat_template, tokenizer)
+    return tokenize_chat(tokenizer, template, to_messages(record, fmt), mask_prompt)
+
+
+@dataclass
+class Built:
+    """Everything learned from one pass over a file, before the error policy is applied."""
+
+    path: str
+    fmt: str
+    n_records: int = 0
+    bad: list[tuple[str, str, str]] = field(default_factory=list)  # (where, kind, reason)
+    zero_trainable: list[str] = field(default_factory=list)  # "where: reason"
+    kept: list[Example] = field(default_factory=list)
+    n_overlength: int = 0
+    n_truncated: int = 0
+    n_dropped_overlength: int = 0
+    tokens_before: int = 0  # of every rendered example, before truncation
+    tokens_lost: int = 0
+
+
+def split_path(cfg: DataConfig, split: str) -> str:
+    path = cfg.train if split == "train" else cfg.eval
+    if path is None:
+        raise DataError(f"data.{split} is not set", fix=f"set data.{split} to a dataset file or folder")
+    # tinyworld:<task>[@split] names a generated TinyWorld task file (built on first use)
+    return str(resolve_task(path)) if is_tinyworld(path) else path
+
+
+def build(
+    path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, formats: Iterable[str], log: Log
+) -> Built:
+    """One pass over `path`: read, validate, render, tokenize and apply the over-length policy."""
+    records = list(read_records(path))
+    fmt = resolve_format(cfg.format, records, path)
+    if fmt not in formats:
+        accepted = ", ".join(formats)
+        raise DataError(
+            f"{path}: dataset format {fmt!r} is not accepted by this objective (accepted: {accepted})",
+            fix="use a dataset in an accepted format, or an objective that takes this one (set data.format if "
+            "auto-detection guessed wrong)",
+        )
+    out = Built(path, fmt, n_records=len(records))
+    template = resolve_template(cfg.chat_template, tokenizer, log) if fmt in ("instruction", "chat") else None
+    for where, record in records:
+        _one(out, where, record, cfg, tokenizer, mask_prompt, template)
+    return out
+
+
+def _one(out: Built, where: str, record: Any, cfg: DataConfig, tokenizer: Any, mask: bool, template: Any) -> None:
+    if isinstance(record, RecordError):
+        out.bad.append((where, record.kind, record.reason))
+        return
+    problem = validate_record(record, out.fmt)
+    if problem is not None:
+        out.bad.append((where, problem.kind, problem.reason))
+        return
+    if out.fmt not in RENDERED or tokenizer is None:
+        return
+    try:
+        ids, labels = render_example(record, out.fmt, tokenizer, mask_prompt=mask, chat_template=template)
+    except RecordError as e:
+        out.bad.append((where, e.kind, e.reason))
+        return
+    _keep(out, Example(ids, labels, where), cfg)
+
+
+def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
+    n, limit = len(ex.input_ids), cfg.max_length
+    out.tokens_before += n
+    truncated = n > limit
+    if truncated:
+        out.n_overlength += 1
+        if cfg.overlength == "raise":
+            out.bad.append((ex.where, "over-length", f"{n} tokens > max_length {limit}"))
+            return
+        if cfg.overlength == "drop":
+            out.n_dropped_overlength += 1
+            return
+        out.n_truncated += 1
+        out.tokens_lost += n - limit
+        ex = Example(ex.input_ids[:limit], ex.labels[:limit], ex.where)
+    if all(label == IGNORE for label in ex.labels):
+        after = f" left after truncation to {limit} tokens" if truncated else ""
+        out.zero_trainable.append(f"{ex.where}: no trainable tokens{after}")
+        return
+    out.kept.append(ex)
+
+
+def enforce(out: Built, cfg: DataConfig, log: Log) -> None:
+    """Apply `on_error` / `max_bad_fraction`; log what was dropped and why."""
+    lines = [f"{where}: {reason}" for where, _, reason in out.bad]
+    n_bad, total = len(out.bad), out.n_records
+    if n_bad and cfg.on_error == "raise":
+        raise DataError(
+            f"{out.path}: {n_bad} bad record(s) of {total}",
+            fix="fix the records listed, or set data.on_error=skip to drop them",
+            problems=lines + out.zero_trainable,
+        )
+    if n_bad:
+        counts = Counter(kind for _, kind, _ in out.bad)
+        log(f"data: skipped {n_bad} bad record(s) of {total} in {out.path}: " + _counts(counts))
+        if n_bad / max(total, 1) > cfg.max_bad_fraction:
+            raise DataError(
+                f"{out.path}: {n_bad} of {total} records are bad ({n_bad / total:.1%}), "
+                f"above data.max_bad_fraction={cfg.max_bad_fraction}",
+                fix="fix the records listed, or raise data.max_bad_fraction",
+                problems=lines,
+            )
+    if out.zero_trainable:
+        n = len(out.zero_trainable)
+        log(f"data: dropped {n} example(s) with no trainable tokens, e.g. {out.zero_trainable[0]}")
+    if out.n_truncated or out.n_dropped_overlength:
+        log(f"data: {out.n_overlength} example(s) over max_length {cfg.max_length}: " + _overlength_note(out))
+
+
+def _counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
+
+
+def _overlength_note(out: Built) -> str:
+    if out.n_dropped_overlength:
+        return f"{out.n_dropped_overlength} dropped"
+    return f"{out.n_truncated} truncated, {lost_share(out):.2%} of tokens lost"
+
+
+def lost_share(out: Built) -> float:
+    return out.tokens_lost / out.tokens_before if out.tokens_before else 0.0
+
+
+def fingerprint(examples: Iterable[Example]) -> str:
+    """sha256 over every example's ids and labels, in order (little-endian int32, length-prefixed)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for seq in (ex.input_ids, ex.labels):
+            a = array("i", [len(seq), *seq])
+            if sys.byteorder == "big":
+                a.byteswap()
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def stats(out: Built, cfg: DataConfig) -> dict[str, object]:
+    kept = out.kept
+    return {
+        "source": out.path,
+        "format": out.fmt,
+        "n_records": out.n_records,
+        "n_bad": len(out.bad),
+        "bad_by_reason": dict(Counter(kind for _, kind, _ in out.bad)),
+        "n_examples": len(kept),
+        "n_tokens": sum(len(ex.input_ids) for ex in kept),
+        "n_trainable_tokens": sum(sum(label != IGNORE for label in ex.labels) for ex in kept),
+        "max_length": cfg.max_length,
+        "overlength_policy": cfg.overlength,
+        "n_overlength": out.n_overlength,
+        "n_truncated": out.n_truncated,
+        "n_dropped_overlength": out.n_dropped_overlength,
+        "truncated_token_share": lost_share(out),
+        "n_dropped_zero_trainable": len(out.zero_trainable),
+    }
+
+
+def load_tokenized(
+    cfg: DataConfig,
+    split: Literal["train", "eval"],
+    tokenizer: Any,
+    *,
+    mask_prompt: bool,
+    formats: tuple[str, ...] = ("text", "instruction", "chat"),
+    log: Log = print,
+) -> TokenizedData:
+    """Read, validate, render, tokenize and mask `cfg.train` or `cfg.eval`.
+
+    `formats`: the dataset formats the objective accepts. Raises DataError for bad records (per
+    `cfg.on_error`), a format outside `formats`, or nothing left to train on.
+    """
+    path = split_path(cfg, split)
+    out = build(path, cfg, tokenizer, mask_prompt, formats, log)
+    if out.fmt not in RENDERED:
+        raise DataError(f"{path}: format {out.fmt!r} is validated but not tokenized by load_tokenized")
+    enforce(out, cfg, log)
+    if not out.kept:
+        raise DataError(
+            f"{path}: no examples left out of {out.n_records} records after validation and the over-length policy",
+            fix="check data.format, data.max_length and data.overlength (see `tunelab data check`)",
+        )
+    s = stats(out, cfg)
+    log(
+        f"data: {split} {s['n_examples']} examples, {s['n_tokens']} tokens, {s['n_trainable_tokens']} trained "
+        f"({out.fmt}, from {path})"
+    )
+    return TokenizedData(out.kept, fingerprint(out.kept), s)

@@ -1,0 +1,148 @@
+"""`tunelab data check`: what the pipeline would make of a dataset, without training anything.
+
+`check_report` never stops at bad records: it lists them, says whether the configured policy
+would stop a run, gives token statistics and shows one rendered example with its trained tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tunelab.config import DataConfig
+from tunelab.data.pipeline import Built, build, lost_share
+from tunelab.data.types import IGNORE, Example
+from tunelab.data.validate import FORMATS
+
+MAX_LISTED = 50
+
+
+def check_report(cfg: DataConfig, tokenizer: Any, mask_prompt: bool) -> dict[str, Any]:
+    """A JSON-able report on `cfg.train` (with one rendered example) and `cfg.eval` when set."""
+    report: dict[str, Any] = {}
+    for split, path in (("train", cfg.train), ("eval", cfg.eval)):
+        if path is None:
+            continue
+        out = build(path, cfg, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
+        report[split] = _split_report(out, cfg)
+        if split == "train":
+            report[split]["example"] = _example_view(out.kept[0], tokenizer) if out.kept else None
+    if not report:
+        report["note"] = "data.train and data.eval are both unset"
+    return report
+
+
+def _split_report(out: Built, cfg: DataConfig) -> dict[str, Any]:
+    n_bad = len(out.bad)
+    frac = n_bad / out.n_records if out.n_records else 0.0
+    stops = bool(n_bad) and (cfg.on_error == "raise" or frac > cfg.max_bad_fraction)
+    return {
+        "source": out.path,
+        "format": out.fmt,
+        "validation": {
+            "records": out.n_records,
+            "bad": n_bad,
+            "by_reason": dict(Counter(kind for _, kind, _ in out.bad)),
+            "problems": [f"{where}: {reason}" for where, _, reason in out.bad],
+            "zero_trainable": out.zero_trainable,
+            "on_error": cfg.on_error,
+            "run_would_stop": stops or not out.kept,
+        },
+        "tokens": _token_stats(out, cfg) if out.kept else None,
+    }
+
+
+def _token_stats(out: Built, cfg: DataConfig) -> dict[str, Any]:
+    lengths = sorted(len(ex.input_ids) for ex in out.kept)
+    trained = sum(sum(label != IGNORE for label in ex.labels) for ex in out.kept)
+    return {
+        "examples": len(lengths),
+        "tokens": sum(lengths),
+        "trainable_tokens": trained,
+        "mean_length": sum(lengths) / len(lengths),
+        "p50_length": _percentile(lengths, 0.50),
+        "p95_length": _percentile(lengths, 0.95),
+        "max_length": lengths[-1],
+        "limit": cfg.max_length,
+        "overlength_policy": cfg.overlength,
+        "overlength": out.n_overlength,
+        "truncated": out.n_truncated,
+        "dropped_overlength": out.n_dropped_overlength,
+        "truncated_token_share": lost_share(out),
+    }
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, -(-len(sorted_values) * q // 1))
+    return sorted_values[int(rank) - 1]
+
+
+def _example_view(ex: Example, tokenizer: Any) -> dict[str, Any]:
+    return {
+        "where": ex.where,
+        "text": tokenizer.decode(ex.input_ids, skip_special_tokens=False),
+        "tokens": [
+            (tokenizer.decode([t], skip_special_tokens=False), lab != IGNORE)
+            for t, lab in zip(ex.input_ids, ex.labels, strict=True)
+        ],
+    }
+
+
+def format_check_report(report: dict[str, Any]) -> str:
+    """Human-readable text of `check_report`; trained tokens are shown inside [[ ]]."""
+    lines: list[str] = []
+    if "note" in report:
+        lines.append(report["note"])
+    for split in ("train", "eval"):
+        if split in report:
+            lines += _format_split(split, report[split])
+    return "\n".join(lines)
+
+
+def _format_split(split: str, r: dict[str, Any]) -> list[str]:
+    v = r["validation"]
+    lines = [f"{split}: {r['source']} (format {r['format']})"]
+    reasons = ", ".join(f"{k} {n}" for k, n in v["by_reason"].items())
+    lines.append(f"  records {v['records']}, bad {v['bad']}" + (f" ({reasons})" if reasons else ""))
+    lines += [f"    {p}" for p in v["problems"][:MAX_LISTED]]
+    if len(v["problems"]) > MAX_LISTED:
+        lines.append(f"    ... and {len(v['problems']) - MAX_LISTED} more")
+    if v["zero_trainable"]:
+        lines.append(f"  dropped, nothing to train: {len(v['zero_trainable'])}")
+        lines += [f"    {p}" for p in v["zero_trainable"][:MAX_LISTED]]
+    verdict = "a run would STOP here" if v["run_would_stop"] else "a run would proceed"
+    lines.append(f"  on_error={v['on_error']}: {verdict}")
+    t = r["tokens"]
+    if t:
+        lines.append(
+            f"  examples {t['examples']}, tokens {t['tokens']} ({t['trainable_tokens']} trained); length mean "
+            f"{t['mean_length']:.1f}, p50 {t['p50_length']}, p95 {t['p95_length']}, max {t['max_length']}"
+        )
+        lines.append(
+            f"  over max_length {t['limit']}: {t['overlength']} (policy {t['overlength_policy']}: truncated "
+            f"{t['truncated']}, dropped {t['dropped_overlength']}, {t['truncated_token_share']:.2%} of tokens lost)"
+        )
+    if r.get("example"):
+        lines += _format_example(r["example"])
+    return lines
+
+
+def _format_example(ex: dict[str, Any]) -> list[str]:
+    marked, run, in_trained = [], [], False
+    for text, trained in ex["tokens"]:
+        if trained != in_trained:
+            marked.append(("[[" + "".join(run) + "]]") if in_trained else "".join(run))
+            run, in_trained = [], trained
+        run.append(text)
+    marked.append(("[[" + "".join(run) + "]]") if in_trained else "".join(run))
+    return [
+        f"  example {ex['where']}, rendered:",
+        _indent(ex["text"]),
+        "  trained tokens in [[ ]]:",
+        _indent("".join(marked)),
+    ]
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    | " + line for line in text.split("\n"))

@@ -1,0 +1,195 @@
+"""Read dataset records from disk, one `(location, record or error)` pair at a time.
+
+Supported: `.jsonl`, `.json` (a list of objects, or JSON Lines saved as .json), `.csv`, `.parquet`, and
+a folder written by `datasets.Dataset.save_to_disk`. A bad record never stops reading: its parse
+error is yielded in place of the record, so the caller can report every bad record of the file at
+once. Locations are `file:line` (1-based file lines) for text formats and `file:row N` (0-based,
+as in `ds[N]`) for columnar ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.validate import RecordError, type_name
+from tunelab.errors import DataError
+
+SUPPORTED = ".jsonl, .json, .csv, .parquet, or a folder saved with datasets.Dataset.save_to_disk"
+
+# CSV cells that hold structured values (a chat, a prompt given as messages) are JSON text.
+_JSON_CELLS = ("messages", "conversations", "prompt")
+
+Record = tuple[str, "dict[str, Any] | Exception"]
+
+
+def read_records(path: str) -> Iterator[Record]:
+    """Yield `("file:line", record)` or `("file:line", RecordError)` for every record of `path`."""
+    p = Path(path)
+    if p.is_dir():
+        yield from _read_saved_dataset(p, path)
+        return
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder", fix=f"point data.train/data.eval at a {SUPPORTED}")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    reader = readers.get(p.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {p.suffix!r}", fix=f"use a {SUPPORTED}")
+    yield from reader(p, path)
+
+
+def _as_record(value: object) -> dict[str, Any] | Exception:
+    if isinstance(value, dict):
+        return value
+    return RecordError("not an object", f"not a JSON object (got {type_name(value)})")
+
+
+def _json_error(e: json.JSONDecodeError) -> RecordError:
+    return RecordError("bad JSON", f"bad JSON: {e.msg} (column {e.colno})")
+
+
+def _read_jsonl(p: Path, name: str) -> Iterator[Record]:
+    # Decoding per line keeps one line of invalid UTF-8 a per-record error, not a crash.
+    for lineno, raw in enumerate(p.read_bytes().split(b"\n"), start=1):
+        record = _parse_line(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw)
+        if record is not None:  # blank lines are allowed
+            yield f"{name}:{lineno}", record
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | Exception | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RecordError("invalid UTF-8", f"invalid UTF-8 (byte {e.start + 1} of the line)")
+    if not text.strip():
+        return None
+    try:
+        return _as_record(json.loads(text))
+    except json.JSONDecodeError as e:
+        return _json_error(e)
+
+
+def _read_json(p: Path, name: str) -> Iterator[Record]:
+    text = _decode_whole(p)
+    start = len(text) - len(text.lstrip())
+    if text[start : start + 1] == "{":  # JSON Lines under a .json name
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            record = _parse_line(line.encode("utf-8", "surrogateescape"))
+            if record is not None:
+                yield f"{name}:{lineno}", record
+        return
+    if text[start : start + 1] != "[":
+        raise DataError(f"{name}: a .json dataset must be a list of objects", fix="write [{...}, {...}] or JSON Lines")
+    yield from _json_array_items(text, start + 1, name)
+
+
+def _decode_whole(p: Path) -> str:
+    # surrogateescape keeps invalid bytes visible per record instead of failing the whole file.
+    return p.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+
+
+def _json_array_items(text: str, pos: int, name: str) -> Iterator[Record]:
+    """Walk a top-level JSON array item by item so each item knows the line it starts on."""
+    decoder = json.JSONDecoder()
+    n = len(text)
+    expect_item = True
+    while True:
+        while pos < n and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= n:
+            raise DataError(f"{name}: the JSON list is not closed with ']'", fix="fix the file's JSON syntax")
+        if text[pos] == "]":
+            return
+        if not expect_item:
+            if text[pos] != ",":
+                line = text.count("\n", 0, pos) + 1
+                raise DataError(f"{name}:{line}: bad JSON: expected ',' or ']' between items")
+            pos += 1
+            expect_item = True
+            continue
+        where = f"{name}:{text.count(chr(10), 0, pos) + 1}"
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: bad JSON: {e.msg}", fix="fix the file's JSON syntax") from None
+        yield where, _check_surrogates(_as_record(value))
+        expect_item = False
+
+
+def _check_surrogates(record: dict[str, Any] | Exception) -> dict[str, Any] | Exception:
+    """A record decoded with surrogateescape holds lone surrogates where its bytes were not UTF-8."""
+    if isinstance(record, dict) and _has_surrogates(record):
+        return RecordError("invalid UTF-8", "invalid UTF-8")
+    return record
+
+
+def _has_surrogates(value: object) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False
+
+
+def _read_csv(p: Path, name: str) -> Iterator[Record]:
+    reader = csv.DictReader(io.StringIO(_decode_whole(p), newline=""))
+    if reader.fieldnames is None:
+        return
+    start = reader.line_num + 1
+    for row in reader:
+        where = f"{name}:{start}"
+        start = reader.line_num + 1
+        yield where, _check_surrogates(_csv_record(row))
+
+
+def _csv_record(row: dict[str | None, Any]) -> dict[str, Any] | Exception:
+    if None in row:
+        return RecordError("bad CSV", "bad CSV: more cells than header columns")
+    record = {k: v for k, v in row.items() if k is not None and v is not None}
+    for key in _JSON_CELLS:
+        cell = record.get(key)
+        if isinstance(cell, str) and cell.lstrip().startswith("["):
+            try:
+                record[key] = json.loads(cell)
+            except json.JSONDecodeError as e:
+                return RecordError("bad JSON", f"bad JSON in column {key!r}: {e.msg}")
+    return record
+
+
+def _columnar(rows: Iterator[dict[str, Any]], name: str) -> Iterator[Record]:
+    # Arrow fills a column missing from a row with null; treat it as an absent field.
+    for i, row in enumerate(rows):
+        yield f"{name}:row {i}", {k: v for k, v in row.items() if v is not None}
+
+
+def _read_parquet(p: Path, name: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{name}: not a readable parquet file ({e})") from None
+    yield from _columnar(iter(table.to_pylist()), name)
+
+
+def _read_saved_dataset(p: Path, name: str) -> Iterator[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError:
+        raise DataError(
+            f"{name}: a folder, but not one saved by datasets.save_to_disk", fix=f"use a {SUPPORTED}"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = ", ".join(ds)
+        raise DataError(
+            f"{name}: holds several splits ({splits})", fix=f"point at one split's folder, e.g. {name}/{next(iter(ds))}"
+        )
+    yield from _columnar(iter(ds), name)
