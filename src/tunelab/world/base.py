@@ -1,0 +1,102 @@
+"""Build `tunelab-tiny`: tokenizer, random Llama, pretraining on the TinyWorld corpus with tunelab's
+own loop (`objective: lm`, packed), then a model card with what it cost and what it knows.
+
+`tunelab world build-base --out DIR` runs this; `configs/tunelab-tiny.yaml` holds the recipe.
+The result is deterministic for a given seed, config and torch build.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
+
+from tunelab.bpe import train_bpe
+from tunelab.config import deep_merge, read_yaml
+from tunelab.world.chat import IM_END
+from tunelab.world.corpus import make_corpus
+from tunelab.world.generator import make_world
+
+RECIPE = Path(__file__).resolve().parents[3] / "configs" / "tunelab-tiny.yaml"
+DEFAULT_RECIPE: dict[str, Any] = {
+    "seed": 0,
+    "vocab_size": 2048,
+    "architecture": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
+    "run": {
+        "data": {"format": "text", "packing": True, "max_length": 256},
+        "method": {"name": "full"},
+        "objective": {"name": "lm"},
+        "train": {"max_steps": 1800, "batch_size": 16, "lr": 2e-3, "warmup": 50, "scheduler": "cosine",
+                  "min_lr_ratio": 0.1, "weight_decay": 0.1, "adam_betas": [0.9, 0.98], "precision": "bf16",
+                  "save_every": 200, "log_every": 50, "tensorboard": False},
+    },
+}
+
+
+def load_recipe(path: str | Path | None = None) -> dict[str, Any]:
+    p = Path(path) if path else RECIPE
+    return deep_merge(DEFAULT_RECIPE, read_yaml(p)) if p.is_file() else dict(DEFAULT_RECIPE)
+
+
+def write_corpus(world_seed: int, path: Path) -> list[str]:
+    docs = make_corpus(make_world(world_seed), world_seed)
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return docs
+
+
+def init_model(out: Path, tok: PreTrainedTokenizerBase, arch: dict[str, Any], seed: int) -> Path:
+    torch.manual_seed(seed)
+    im_end = tok.convert_tokens_to_ids(IM_END)
+    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=[tok.eos_token_id, im_end], pad_token_id=tok.pad_token_id, **arch)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=[im_end, tok.eos_token_id],
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps: int | None = None,
+               quiet: bool = False) -> dict[str, Any]:
+    """Pretrain tunelab-tiny into `out` (a model folder with a README.md model card)."""
+    from tunelab import api
+
+    recipe = load_recipe(recipe_path)
+    if steps is not None:
+        recipe["run"] = deep_merge(recipe["run"], {"train": {"max_steps": steps}})
+    out = Path(out)
+    work = out.with_name(out.name + ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    docs = write_corpus(recipe["seed"], work / "corpus.jsonl")
+    tok = train_bpe(docs, vocab_size=recipe["vocab_size"])
+    init_model(work / "init", tok, recipe["architecture"], recipe["seed"])
+    run_cfg = deep_merge(recipe["run"], {
+        "model": {"name_or_path": str(work / "init")},
+        "data": {"train": str(work / "corpus.jsonl")},
+        "train": {"seed": recipe["seed"]},
+        "output": {"dir": str(work / "run")},
+    })
+    result = api.train(run_cfg, quiet=quiet)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(work / "run" / "final", out)
+    model = AutoModelForCausalLM.from_pretrained(str(work / "init"))
+    model.generation_config.save_pretrained(str(out))
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    stats = {
+        "parameters": summary["total"], "corpus_documents": len(docs), "corpus_characters": sum(map(len, docs)),
+        "corpus_tokens": sum(len(tok(d)["input_ids"]) for d in docs), "steps": result.steps,
+        "wall_seconds": round(wall, 1), "final_train_loss": round(result.metrics.get("loss", float("nan")), 4),
+        "recipe": recipe,
+    }
+    (out / "build.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    return stats
