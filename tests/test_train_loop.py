@@ -41,7 +41,7 @@ def test_fully_masked_batch_gives_zero_loss_not_nan():
     logits = torch.randn(2, 5, 11, requires_grad=True)
     labels = torch.full((2, 5), IGNORE)
     loss, n = token_nll_sum(logits, labels)
-    assert float(loss) == 0.0 and int(n) == 0
+    assert float(loss.detach()) == 0.0 and int(n) == 0
     (loss / max(int(n), 1)).backward()
     assert torch.isfinite(logits.grad).all() and float(logits.grad.abs().sum()) == 0.0
 
@@ -63,16 +63,21 @@ def test_accumulation_matches_big_batch(llama_dir, chat_data, tmp_path, packing)
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
 
 
-def test_nan_halts_before_the_step_and_keeps_last_checkpoint(llama_dir, chat_data, tmp_path, monkeypatch):
+def poison(monkeypatch, at_call: int, factor: float) -> None:
+    """Multiply the sft loss by `factor` (nan, inf) at the `at_call`-th micro-batch."""
     spec = OBJECTIVES["sft"]
     calls = {"n": 0}
 
     def poisoned(model, batch, cfg):
         calls["n"] += 1
         loss, n = spec.loss(model, batch, cfg)
-        return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
+        return (loss * factor, n) if calls["n"] == at_call else (loss, n)
 
     monkeypatch.setitem(OBJECTIVES, "sft", dataclasses.replace(spec, loss=poisoned))
+
+
+def test_nan_halts_before_the_step_and_keeps_last_checkpoint(llama_dir, chat_data, tmp_path, monkeypatch):
+    poison(monkeypatch, at_call=5, factor=float("nan"))
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteError, match="step 5"):
         tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=8, save_every=2), quiet=True)
@@ -83,15 +88,7 @@ def test_nan_halts_before_the_step_and_keeps_last_checkpoint(llama_dir, chat_dat
 
 
 def test_skip_policy_skips_and_still_applies_every_step(llama_dir, chat_data, tmp_path, monkeypatch):
-    spec = OBJECTIVES["sft"]
-    calls = {"n": 0}
-
-    def poisoned(model, batch, cfg):
-        calls["n"] += 1
-        loss, n = spec.loss(model, batch, cfg)
-        return (loss * float("inf"), n) if calls["n"] == 2 else (loss, n)
-
-    monkeypatch.setitem(OBJECTIVES, "sft", dataclasses.replace(spec, loss=poisoned))
+    poison(monkeypatch, at_call=2, factor=float("inf"))
     out = tmp_path / "skip"
     result = tunelab.train(run_cfg(llama_dir, chat_data, out, max_steps=4, nonfinite="skip"), quiet=True)
     assert result.status == "completed" and result.steps == 4

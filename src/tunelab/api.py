@@ -191,15 +191,51 @@ def _load_model_dir(p: Path, cfg: ModelConfig, training: bool) -> tuple[nn.Modul
 
 
 def evaluate(
-    model_path: str | Path, data: str, *, fmt: str = "auto", max_length: int = 1024, batch_size: int = 8,
-    all_tokens: bool = False,
-) -> dict[str, float]:
-    """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens)."""
-    model, tok = load(model_path)
-    dcfg = DataConfig(eval=data, format=fmt, max_length=max_length)  # type: ignore[arg-type]
-    examples = load_tokenized(dcfg, "eval", tok, mask_prompt=not all_tokens, log=lambda s: None).examples
-    return evaluate_loss(model, examples, batch_size=batch_size, pad_id=tok.pad_token_id, packing=False,
-                         max_length=max_length)
+    model_path: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], data: str | None = None, *, fmt: str = "auto",
+    max_length: int = 1024, batch_size: int | None = None, all_tokens: bool = False,
+    tasks: list[str] | tuple[str, ...] = (), forgetting: bool = False, base: str | Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens).
+
+    With only `data`: {"loss", "perplexity", "tokens"}. With `tasks` (see `evaluate_task`) or
+    `forgetting` (see `tunelab.eval.probe.forgetting`; `base` where the model is neither a run nor
+    an adapter): one entry per evaluation, keyed by the data path, the task spec and "forgetting";
+    the model is loaded once. `batch_size`: 8 for the loss, 32 for tasks unless given."""
+    from tunelab.eval import probe
+    from tunelab.eval.tasks import load_model_or_run, parse_spec
+
+    for spec in tasks:
+        parse_spec(spec)  # unknown names fail before a model is loaded
+    if data is None and not tasks and not forgetting:
+        raise TunelabError("nothing to evaluate", fix="pass a dataset (--data PATH), a task (--task SPEC) or "
+                           "--forgetting")
+    model, tok = load_model_or_run(model_path)
+    if forgetting:
+        base = probe.base_for(model, model_path, base)
+    out: dict[str, Any] = {}
+    if data is not None:
+        dcfg = DataConfig(eval=data, format=fmt, max_length=max_length)  # type: ignore[arg-type]
+        examples = load_tokenized(dcfg, "eval", tok, mask_prompt=not all_tokens, log=lambda s: None).examples
+        out[data] = evaluate_loss(model, examples, batch_size=batch_size or 8, pad_id=tok.pad_token_id,
+                                  packing=False, max_length=max_length)
+        if not tasks and not forgetting:
+            return out[data]
+    for spec in tasks:
+        out[spec] = evaluate_task((model, tok), spec, limit=limit, batch_size=batch_size or 32)
+    if forgetting:
+        out["forgetting"] = probe.forgetting((model, tok), base, limit=limit, batch_size=batch_size or 32)
+    return out
+
+
+def evaluate_task(
+    model_or_run: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], spec: str, *, limit: int | None = None,
+    batch_size: int = 32, kind: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of a model on `tinyworld:<task>[@<split>]`, `tinyworld:probe` or a dataset file."""
+    from tunelab.eval import tasks
+
+    return tasks.evaluate_task(model_or_run, spec, limit=limit, batch_size=batch_size, kind=kind)
 
 
 @torch.no_grad()

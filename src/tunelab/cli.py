@@ -44,21 +44,37 @@ def train(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run dir, model dir, adapter dir or hub id"),
-    data: str = typer.Option(..., "--data", help="dataset file (jsonl/json/csv/parquet) or saved dataset dir"),
+    tasks: list[str] = typer.Option(
+        None, "--task", help="tinyworld:<task>@<split> (split optional: test), tinyworld:probe, or a dataset file; "
+        "repeatable",
+    ),
+    data: str | None = typer.Option(None, "--data", help="loss/perplexity on a dataset (jsonl/json/csv/parquet)"),
+    forgetting: bool = typer.Option(False, "--forgetting", help="forgetting probe on the model and on its base"),
+    base: str | None = typer.Option(None, "--base", help="base model for --forgetting (default: the run's or "
+                                    "the adapter's own base)"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="evaluate the first N records of each task"),
     fmt: str = typer.Option("auto", "--format"),
     max_length: int = typer.Option(1024, "--max-length"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="default: 8 for --data, 32 for tasks"),
     all_tokens: bool = typer.Option(False, "--all-tokens", help="score prompts too, not only assistant turns"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Loss and perplexity of a model on a dataset."""
+    """Evaluate a model: task metrics (--task), the forgetting probe (--forgetting), loss and perplexity (--data)."""
     from tunelab import api
 
-    m = api.evaluate(model, data, fmt=fmt, max_length=max_length, batch_size=batch_size, all_tokens=all_tokens)
+    tasks = tasks or []
+    m = api.evaluate(model, data, fmt=fmt, max_length=max_length, batch_size=batch_size, all_tokens=all_tokens,
+                     tasks=tasks, forgetting=forgetting, base=base, limit=limit)
     if as_json:
         _print_json(m)
-    else:
+    elif not tasks and not forgetting:
         typer.echo(f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  tokens {int(m['tokens'])}")
+    else:
+        from rich.console import Console
+
+        from tunelab.eval.tasks import results_table
+
+        Console().print(results_table(m))
 
 
 @app.command()
@@ -98,6 +114,36 @@ def data_check(
 
     report = api.data_check(config, overrides or [])
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else format_check_report(report))
+
+
+world_app = typer.Typer(no_args_is_help=True, help="TinyWorld: the synthetic world, its task suite, the tiny base.")
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("tasks")
+def world_tasks(
+    out: str = typer.Option(..., "--out", help="folder for <task>/<split>.jsonl and manifest.json"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write the TinyWorld task suite."""
+    from tunelab.world import write_tasks
+
+    manifest = write_tasks(out, seed)
+    for name, task in manifest["tasks"].items():
+        typer.echo(f"{name:<10} " + "  ".join(f"{split} {n}" for split, n in task["splits"].items()))
+    typer.echo(f"wrote {out} (seed {seed}, {manifest['n_people']} people, version {manifest['version']})")
+
+
+@world_app.command("build-base")
+def world_build_base(
+    out: str = typer.Option(..., "--out", help="model folder to write"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="pretraining steps (default: the recipe's)"),
+    recipe: str | None = typer.Option(None, "--recipe", help="recipe YAML (default: configs/tunelab-tiny.yaml)"),
+) -> None:
+    """Pretrain the tiny base model on the TinyWorld corpus; prints its build stats as JSON."""
+    from tunelab.world.base import build_base
+
+    _print_json(build_base(out, recipe, steps=steps))
 
 
 @app.command()

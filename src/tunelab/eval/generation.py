@@ -1,0 +1,153 @@
+"""Batched greedy generation and continuation log-likelihoods, the two model calls task metrics need.
+
+Prompts are either raw strings (tokenized as they are, the tokenizer's own special tokens
+included) or chat message lists (rendered through the tokenizer's chat template with the
+generation prompt). Generation batches are LEFT padded with an attention mask (done here, so the
+tokenizer's padding side is never touched), so every row's new tokens start at the same column;
+the result equals generating each prompt alone (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.errors import TunelabError
+from tunelab.world.chat import IM_END
+
+Prompt = str | list[dict[str, str]]
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
+    """Token ids of a prompt; a string goes through the chat template as a user turn when `chat`."""
+    if isinstance(prompt, str) and not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunelabError(
+            "this task asks chat questions but the tokenizer has no chat template",
+            fix="evaluate a model whose tokenizer has a chat template (or fine-tune one with data.chat_template)",
+        )
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a reply: the generation config's eos ids, the tokenizer's eos and `<|im_end|>`."""
+    ids: list[int] = []
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if IM_END in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids(IM_END))
+    return list(dict.fromkeys(ids))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def greedy(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int = 16, batch_size: int = 32,
+    chat: bool,
+) -> list[str]:
+    """Greedy replies to `prompts`, in order, cut at the first stop token, special tokens removed.
+
+    `chat`: render string prompts as a user turn through the chat template (message lists always
+    are); False continues raw text."""
+    stops = stop_token_ids(model, tokenizer)
+    pad = pad_id(tokenizer)
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    replies: list[str] = []
+    with _eval_mode(model):
+        for start in range(0, len(encoded), batch_size):
+            input_ids, mask = _left_pad(encoded[start : start + batch_size], pad, _device(model))
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad,
+            )  # (B, T + new)
+            new = out[:, input_ids.shape[1] :].tolist()
+            replies += [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True) for row in new]
+    return replies
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Padding never reaches the model's attention (masked), so any id works where there is no pad token."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padded ids and attention mask, so every row's reply starts at the same column."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, T)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, T)
+    return ids, mask
+
+
+def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module, tokenizer: Any, contexts: Sequence[Prompt], continuations: Sequence[str], *,
+    batch_size: int = 32, chat: bool = False,
+) -> list[tuple[float, int]]:
+    """(summed log-probability, token count) of each continuation following its context.
+
+    The continuation is tokenized on its own (no special tokens) and appended to the context's
+    ids, so the context's tokens are the same for every candidate continuation."""
+    rows = []
+    for ctx, cont in zip(contexts, continuations, strict=True):
+        ctx_ids = encode_prompt(tokenizer, ctx, chat)
+        cont_ids = list(tokenizer(cont, add_special_tokens=False)["input_ids"])
+        rows.append((ctx_ids + cont_ids, len(ctx_ids)))
+    pad = pad_id(tokenizer)
+    scores: list[tuple[float, int]] = []
+    with _eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            scores += _score_chunk(model, rows[start : start + batch_size], pad)
+    return scores
+
+
+def _score_chunk(model: nn.Module, rows: list[tuple[list[int], int]], pad: int) -> list[tuple[float, int]]:
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), right padded
+    mask = torch.zeros_like(input_ids)
+    scored = torch.zeros_like(input_ids, dtype=torch.bool)  # positions whose token is a continuation token
+    for i, (ids, n_ctx) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        scored[i, n_ctx : len(ids)] = True
+    device = _device(model)
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts token t+1
+    target = input_ids[:, 1:].to(device)
+    token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    keep = scored[:, 1:].to(device)
+    sums = (token_logp * keep).sum(-1)
+    return [(float(s), int(n)) for s, n in zip(sums, keep.sum(-1), strict=True)]

@@ -1,0 +1,88 @@
+"""The forgetting probe: what a fine-tune made the model forget of its pretraining.
+
+Two measurements on TinyWorld's `probe` task: cloze accuracy on facts the corpus states
+(`probe/facts`, raw-text continuation, see `tasks.cloze_correct`) and perplexity of held-out
+corpus-like text (`probe/heldout`). `forgetting` runs them on a tuned model and on its base and
+reports the drop: accuracy points lost and perplexity gained (positive = forgot).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from torch import nn
+
+from tunelab.config import read_yaml
+from tunelab.errors import TunelabError
+from tunelab.eval.tasks import evaluate_records, load_model_or_run, read_eval_records
+from tunelab.world import resolve_task
+
+
+def run_probe(
+    model: nn.Module, tokenizer: Any, *, limit: int | None = None, batch_size: int = 32,
+    facts: str | Path | None = None, heldout: str | Path | None = None,
+) -> dict[str, float]:
+    """Probe metrics; `facts` / `heldout` replace TinyWorld's probe files, `limit` caps each."""
+    fact_records = read_eval_records(facts or resolve_task("tinyworld:probe@facts"), limit)
+    text_records = read_eval_records(heldout or resolve_task("tinyworld:probe@heldout"), limit)
+    cloze = evaluate_records(model, tokenizer, fact_records, kind="cloze", batch_size=batch_size)
+    text = evaluate_records(model, tokenizer, text_records, kind="text", batch_size=batch_size)
+    return {
+        "probe_cloze_accuracy": cloze["accuracy"], "probe_facts": cloze["n"],
+        "probe_heldout_perplexity": text["perplexity"], "probe_heldout_loss": text["loss"],
+        "probe_heldout_tokens": text["tokens"],
+    }
+
+
+def run_base(path: str | Path) -> str | None:
+    """The base model of a run directory (its config.yaml's model.name_or_path), else None."""
+    config = Path(path) / "config.yaml"
+    if not config.is_file():
+        return None
+    return read_yaml(config).get("model", {}).get("name_or_path")
+
+
+def base_for(
+    model: nn.Module, source: str | Path | tuple[nn.Module, Any], base: str | Path | None
+) -> str | Path | None:
+    """The base to load for `forgetting`, or None where the model's disabled adapter is the base.
+    Raises, before any work, when there is none."""
+    if base is not None or isinstance(model, PeftModel):
+        return base
+    found = None if isinstance(source, tuple) else run_base(source)
+    if found is None:
+        raise TunelabError(
+            "forgetting needs the base model to compare with, and this model is neither a run nor a peft adapter",
+            fix="pass the base model: --base PATH (forgetting(..., base=PATH))",
+        )
+    return found
+
+
+def forgetting(
+    model_or_run: str | Path | tuple[nn.Module, Any], base: str | Path | None = None, *, limit: int | None = None,
+    batch_size: int = 32, facts: str | Path | None = None, heldout: str | Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """The probe on the model and on its base, and the drop between them.
+
+    The base is, in this order: `base` (loaded), the adapter-disabled model of a peft model (no
+    second load), the `model.name_or_path` of a run directory's config.yaml. Returns
+    {"model": probe, "base": probe, "drop": {"cloze_accuracy_points": 100 * (base - model),
+    "heldout_perplexity_change": model - base}}."""
+    model, tok = load_model_or_run(model_or_run)
+    base = base_for(model, model_or_run, base)
+    kw: dict[str, Any] = {"limit": limit, "batch_size": batch_size, "facts": facts, "heldout": heldout}
+    ours = run_probe(model, tok, **kw)
+    if base is not None:
+        theirs = run_probe(*load_model_or_run(base), **kw)
+    else:
+        with model.disable_adapter():
+            theirs = run_probe(model, tok, **kw)
+    return {
+        "model": ours, "base": theirs,
+        "drop": {
+            "cloze_accuracy_points": 100 * (theirs["probe_cloze_accuracy"] - ours["probe_cloze_accuracy"]),
+            "heldout_perplexity_change": ours["probe_heldout_perplexity"] - theirs["probe_heldout_perplexity"],
+        },
+    }

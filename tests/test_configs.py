@@ -1,0 +1,40 @@
+"""Every YAML in configs/ loads, validates and builds its model + method on the meta device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tunelab.config import build_config, load_config
+from tunelab.methods import METHODS, count_parameters
+from tunelab.models import resolve_path
+from tunelab.world.base import load_recipe
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def build_on_meta(cfg) -> tuple[int, int]:
+    hf_cfg = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+        model = METHODS[cfg.method.name].apply(model, cfg.method)
+    return count_parameters(model)
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_builds(path):
+    if path.name == "tunelab-tiny.yaml":  # the base-model recipe: its `run` section is a run config
+        recipe = load_recipe(path)
+        cfg = build_config({**recipe["run"], "data": {**recipe["run"]["data"], "train": "corpus.jsonl"}})
+        assert cfg.objective.name == "lm" and cfg.method.name == "full"
+        return
+    cfg = load_config(path)
+    trainable, total = build_on_meta(cfg)
+    assert 0 < trainable <= total
