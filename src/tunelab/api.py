@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from tunelab.config import (
     DataConfig,
@@ -33,7 +33,8 @@ from tunelab.data.report import check_report
 from tunelab.errors import ResumeError, TunelabError
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS, count_parameters
-from tunelab.models import load_model, load_tokenizer, resolve_path
+from tunelab.methods.artifacts import is_delta, load_delta, load_delta_config, save_artifact
+from tunelab.models import load_model, load_tokenizer, model_config, resolve_path
 from tunelab.objectives import OBJECTIVES
 from tunelab.training import checkpoint
 from tunelab.training.loop import Loop, TrainResult
@@ -138,7 +139,7 @@ def train(
         reporter.say(f"resumed from {ckpt} (step {loop.step} of {loop.total_steps})")
     result = loop.run()
     if result.status == "completed":
-        save_final(loop.accelerator.unwrap_model(loop.model), tokenizer, run_dir / "final")
+        save_artifact(loop.accelerator.unwrap_model(loop.model), tokenizer, cfg.method, cfg.model, run_dir / "final")
         (run_dir / "summary.json").write_text(
             json.dumps({"steps": result.steps, "trainable": trainable, "total": total, **result.metrics},
                        indent=1), encoding="utf-8")
@@ -149,16 +150,6 @@ def train(
 def _fmt(m: dict[str, float]) -> str:
     keys = ("loss", "eval_loss", "eval_perplexity")
     return "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
-
-
-def save_final(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    """A peft adapter (PeftModel.from_pretrained loads it) or a full model, safetensors only."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 # ----------------------------------------------------------------------------- loading results
@@ -179,6 +170,8 @@ def load(
 
 
 def _load_model_dir(p: Path, cfg: ModelConfig, training: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    if is_delta(p):
+        return load_delta(p, training), load_tokenizer(cfg, str(p))
     adapter = p / "adapter_config.json"
     if adapter.is_file():
         base_name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
@@ -261,12 +254,29 @@ def generate(
 
 
 def export(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:
-    """Write the run's model to `out`: merged into a plain transformers model, or as its adapter."""
-    model, tok = load(run)
-    if merge and isinstance(model, PeftModel):  # a full fine-tune is already a plain model
-        model = model.merge_and_unload()
+    """Write a run's final model to `out`: as it is (adapter, delta or full model), or with
+    `merge` folded into the base weights as a plain transformers model."""
+    src = Path(run) / "final" if (Path(run) / "config.yaml").is_file() else Path(run)
     out = Path(out)
-    save_final(model, tok, out)
+    if not merge:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(src, out)
+        return out
+    model, tok = load(run)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    elif is_delta(src):
+        method_cfg = load_delta_config(src)
+        if not METHODS[method_cfg.name].mergeable:
+            raise TunelabError(f"method {method_cfg.name!r} cannot be merged into the base weights",
+                               fix="export without --merge: the method's own format loads with tunelab.load")
+        model = METHODS[method_cfg.name].merge(model, method_cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
 
 
@@ -276,9 +286,29 @@ def data_check(config: ConfigLike, overrides: list[str] | None = None) -> dict[s
     return check_report(cfg.data, tokenizer, OBJECTIVES[cfg.objective.name].mask_prompt)
 
 
-def methods() -> list[dict[str, Any]]:
-    return [
-        {"name": s.name, "family": s.family, "backend": s.backend, "mergeable": s.mergeable,
-         "paper": s.paper, "summary": s.summary}
-        for s in METHODS.values()
-    ]
+def method_cost(model: str, method: str, overrides: list[str] | None = None) -> dict[str, int]:
+    """Trainable and total parameters of `method` on `model`, from the model's config alone: the
+    model is built on the meta device, so no weight is downloaded or allocated (a 7B config takes
+    seconds). `overrides` set method keys, e.g. `method.r=4`."""
+    raw = deep_merge({"model": {"name_or_path": model}, "method": {"name": method}}, parse_overrides(overrides or []))
+    cfg = build_config(raw, "<command line>")
+    hf_cfg = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        built = METHODS[cfg.method.name].apply(AutoModelForCausalLM.from_config(hf_cfg), cfg.method)
+    trainable, total = count_parameters(built)
+    return {"trainable": trainable, "total": total}
+
+
+def methods(model: str | None = "tunelab-tiny") -> list[dict[str, Any]]:
+    """The registry; with `model`, each method's trainable parameters on it at default settings."""
+    rows = []
+    for s in METHODS.values():
+        row = {"name": s.name, "family": s.family, "backend": s.backend, "mergeable": s.mergeable,
+               "paper": s.paper, "summary": s.summary}
+        if model is not None:
+            try:
+                row["trainable"] = method_cost(model, s.name)["trainable"]
+            except TunelabError:
+                row["trainable"] = None
+        rows.append(row)
+    return rows

@@ -147,17 +147,28 @@ def world_build_base(
 
 
 @app.command()
-def methods(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The registered methods, one line each."""
+def methods(
+    model: str = typer.Option(None, "--model", help="model dir or hub id: count parameters on its config"),
+    method: str = typer.Option(None, "--method", help="with --model: just this method"),
+    overrides: list[str] = typer.Argument(None, help="method keys, e.g. method.r=4"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The registered methods, one line each; or one method's parameter count on a model."""
     from tunelab import api
 
-    rows = api.methods()
+    if method is not None:
+        cost = api.method_cost(model or "tunelab-tiny", method, overrides or [])
+        typer.echo(json.dumps(cost) if as_json else f"{cost['trainable']:,} trainable of {cost['total']:,}")
+        return
+    rows = api.methods(model or "tunelab-tiny")
     if as_json:
         _print_json(rows)
         return
     for r in rows:
         merge = "mergeable" if r["mergeable"] else "-"
-        typer.echo(f"{r['name']:<10} {r['family']:<16} {r['backend']:<5} {merge:<10} {r['paper']:<17} {r['summary']}")
+        n = f"{r['trainable']:,}" if r.get("trainable") is not None else "?"
+        typer.echo(f"{r['name']:<10} {r['family']:<16} {r['backend']:<5} {merge:<10} {n:>10}  {r['paper']:<17} "
+                   f"{r['summary']}")
 
 
 @app.command()

@@ -1,115 +1,81 @@
-"""`tunelab demo` / `make demo`: fine-tune end to end, then show before/after.
+"""`tunelab demo` / `make demo`: LoRA SFT of the embedded base on TinyWorld QA, before and after.
 
-Until the embedded base `tunelab-tiny` ships, the demo builds a tiny randomly initialised Llama
-with its own BPE tokenizer, generates a small lookup task (which colour belongs to which thing),
-trains LoRA SFT on it and reports held-out loss and exact match before and after. It says so.
+The base model `tunelab-tiny` knows TinyWorld's people from pretraining prose, and was shown
+short-answer QA only for the training people. The demo fine-tunes it with LoRA on those QA pairs
+(`configs/sft-lora.yaml`) and measures, on held-out people whose facts it only read as prose:
+exact match before and after, and the forgetting probe (cloze accuracy on pretraining facts and
+perplexity on held-out corpus text) of the tuned model next to its base.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tunelab import api
-from tunelab.bpe import train_bpe
+from tunelab.errors import TunelabError
+from tunelab.eval.probe import forgetting
+from tunelab.eval.tasks import evaluate_task
 
-THINGS = ["apple", "river", "stone", "cloud", "lamp", "chair", "road", "seed", "boat", "bell", "door", "kite"]
-COLOURS = ["red", "blue", "green", "amber", "violet", "teal", "olive", "coral", "white", "black", "grey", "gold"]
-QUESTIONS = ["What colour is the {t}?", "Which colour does the {t} have?", "Tell me the colour of the {t}.",
-             "The {t} is which colour?", "Name the colour of the {t}."]
-
-
-def demo_task(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """A fixed thing -> colour map asked in paraphrases; test uses question forms not in train."""
-    rng = random.Random(seed)
-    colour = dict(zip(THINGS, rng.sample(COLOURS, len(THINGS)), strict=True))
-
-    def rec(q: str, t: str) -> dict:
-        return {"messages": [{"role": "user", "content": q.format(t=t)},
-                             {"role": "assistant", "content": colour[t]}], "answer": colour[t]}
-
-    train = [rec(q, t) for q in QUESTIONS[:4] for t in THINGS for _ in range(4)]
-    rng.shuffle(train)
-    return train, [rec(QUESTIONS[4], t) for t in THINGS]
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sft-lora.yaml"
+TASK = "tinyworld:qa@test"
 
 
-def build_random_base(out: Path, texts: list[str], seed: int = 0) -> Path:
-    tok = train_bpe(texts, vocab_size=512)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
+def recipe() -> Path:
+    if not CONFIG.is_file():
+        raise TunelabError(f"{CONFIG}: the demo's config is missing", fix="run the demo from a tunelab source checkout")
+    return CONFIG
 
 
-def exact_match(model_path: str | Path, records: list[dict]) -> float:
-    model, tok = api.load(model_path)
-    hits = 0
-    for r in records:
-        reply = _greedy(model, tok, r["messages"][0]["content"])
-        hits += reply.strip().lower() == r["answer"]
-    return hits / len(records)
-
-
-@torch.no_grad()
-def _greedy(model, tok, prompt: str) -> str:
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def run_demo(out: str | Path = "runs/demo") -> dict[str, float]:
+def run_demo(out: str | Path = "runs/demo") -> dict[str, Any]:
     console = Console()
-    out = Path(out)
-    console.print(
-        "[bold yellow]NOTE[/]: the embedded base model tunelab-tiny is not built yet, so this demo trains a "
-        "[bold]tiny randomly initialised Llama[/] on a small generated lookup task (which colour each thing has)."
-    )
     t0 = time.perf_counter()
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
-    train, test = demo_task()
-    for name, rows in (("train", train), ("test", test)):
-        (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    texts = [m["content"] for r in train + test for m in r["messages"]]
-    base = build_random_base(out / "base", texts)
-    before = {"em": exact_match(base, test), **api.evaluate(base, str(out / "data" / "test.jsonl"))}
-    console.print(f"base model: {base}  ({time.perf_counter() - t0:.1f}s)")
-    result = api.train({
-        "model": {"name_or_path": str(base)},
-        "data": {"train": str(out / "data" / "train.jsonl"), "eval": str(out / "data" / "test.jsonl"),
-                 "max_length": 64},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-        "objective": {"name": "sft"},
-        "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-2, "warmup": 10, "eval_every": 50,
-                  "save_every": 50},
-        "output": {"dir": str(out / "run")},
-    })
-    run = result.run_dir
-    after = {"em": exact_match(run, test), **api.evaluate(run, str(out / "data" / "test.jsonl"))}
-    table = Table(title="held-out questions (unseen phrasing)")
-    for col in ("", "exact match", "loss", "perplexity"):
-        table.add_column(col)
-    for name, m in (("base (random init)", before), ("LoRA SFT", after)):
-        table.add_row(name, f"{m['em']:.2f}", f"{m['loss']:.3f}", f"{m['perplexity']:.2f}")
-    console.print(table)
-    question = test[0]["messages"][0]["content"]
-    console.print(f"sample: Q: {question}  A: {_greedy(*api.load(run), question)!r}")
-    console.print(f"run: {run}   total {time.perf_counter() - t0:.0f}s\n"
-                  f"try: tunelab generate {run} --prompt \"What colour is the lamp?\"")
-    return {"em_before": before["em"], "em_after": after["em"], "loss_before": before["loss"],
-            "loss_after": after["loss"]}
+    console.print(f"[bold]tunelab demo[/]: LoRA SFT of tunelab-tiny on tinyworld:qa, measured on {TASK} "
+                  "(people whose facts the base only read as prose)")
+    base_qa = evaluate_task("tunelab-tiny", TASK)
+    console.print(f"base model before tuning: exact match {base_qa['exact_match']:.3f}")
+    result = api.train(recipe(), [f"output.dir={out}"], overwrite=True)
+    model = api.load(result.run_dir)
+    tuned_qa = evaluate_task(model, TASK)
+    probe = forgetting(model)
+    summary = {
+        "task": TASK, "steps": result.steps,
+        "exact_match": {"base": base_qa["exact_match"], "tuned": tuned_qa["exact_match"]},
+        "probe_cloze_accuracy": {"base": probe["base"]["probe_cloze_accuracy"],
+                                 "tuned": probe["model"]["probe_cloze_accuracy"]},
+        "probe_heldout_perplexity": {"base": probe["base"]["probe_heldout_perplexity"],
+                                     "tuned": probe["model"]["probe_heldout_perplexity"]},
+        "forgetting_drop_points": probe["drop"]["cloze_accuracy_points"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (Path(result.run_dir) / "demo.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    console.print(_table(summary))
+    console.print(
+        f"forgetting: probe cloze accuracy dropped {summary['forgetting_drop_points']:.1f} points; "
+        f"total {summary['seconds']:.0f}s\n"
+        f"reproduce: tunelab eval {result.run_dir} --task {TASK} --forgetting --json\n"
+        f"try:       tunelab generate {result.run_dir} --prompt \"{_example_question()}\""
+    )
+    return summary
+
+
+def _table(s: dict[str, Any]) -> Table:
+    table = Table(title=f"{s['task']}: held-out people, short answers")
+    for col in ("model", "exact match", "probe cloze acc.", "held-out ppl"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for key, name in (("base", "tunelab-tiny (base)"), ("tuned", f"LoRA SFT, {s['steps']} steps")):
+        table.add_row(name, f"{s['exact_match'][key]:.3f}", f"{s['probe_cloze_accuracy'][key]:.3f}",
+                      f"{s['probe_heldout_perplexity'][key]:.2f}")
+    return table
+
+
+def _example_question() -> str:
+    from tunelab.world.resolve import resolve_task
+
+    with open(resolve_task(TASK), encoding="utf-8") as f:
+        return json.loads(f.readline())["messages"][0]["content"]

@@ -23,6 +23,26 @@ def _no_step(model: nn.Module, cfg: Any, step: int) -> None:
     return None
 
 
+def _no_penalty(model: nn.Module, cfg: Any) -> torch.Tensor | None:
+    return None
+
+
+def default_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a non-peft, non-full method saves: its trainable parameters, plus the buffers it
+    registered under a `tunelab_` name (masks, ranks), by their state_dict names."""
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out.update({n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("tunelab_")})
+    return {n: t.detach().cpu().contiguous() for n, t in out.items()}
+
+
+def default_merge(model: nn.Module, cfg: Any) -> nn.Module:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -35,6 +55,14 @@ class MethodSpec:
     summary: str
     # Called after every optimizer step (AdaLoRA budgets, DyLoRA rank sampling, mask phases).
     on_step: Callable[[nn.Module, Any, int], None] = _no_step
+    # A regulariser added once per optimizer step to the token-mean loss (e.g. an L0 penalty).
+    penalty: Callable[[nn.Module, Any], torch.Tensor | None] = _no_penalty
+    # What the final artifact holds: "peft" (a peft adapter dir), "full" (a transformers model dir)
+    # or "delta" (the method's state on top of the base: tunelab_method.json + safetensors).
+    artifact: str = "delta"
+    state: Callable[[nn.Module], dict[str, torch.Tensor]] = default_state
+    # Fold the method into plain base weights (export --merge); mergeable methods only.
+    merge: Callable[[nn.Module, Any], nn.Module] = default_merge
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -49,12 +77,16 @@ def register_method(
     paper: str,
     mergeable: bool,
     summary: str,
-    on_step: Callable[[nn.Module, Any, int], None] = _no_step,
+    **hooks: Any,
 ) -> Callable[[ApplyFn], ApplyFn]:
+    """Register `apply(model, cfg) -> model`. `hooks`: on_step, penalty, artifact, state, merge
+    (see MethodSpec); peft-backed methods default to the peft artifact."""
+    hooks.setdefault("artifact", "peft" if backend == "peft" else "delta")
+
     def deco(fn: ApplyFn) -> ApplyFn:
         if name in METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, config_cls, fn, family, backend, paper, mergeable, summary, on_step)
+        METHODS[name] = MethodSpec(name, config_cls, fn, family, backend, paper, mergeable, summary, **hooks)
         return fn
 
     return deco

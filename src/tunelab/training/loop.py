@@ -8,6 +8,7 @@ the non-finite guard. After it: the method's `on_step` hook, eval, checkpoint, s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -138,29 +139,32 @@ class Loop:
 
     # ------------------------------------------------------------------ steps
 
-    def _micro_loss(self, mb: MicroBatch, n_total: int) -> float:
+    def _micro_loss(self, mb: MicroBatch, n_total: int, with_penalty: bool) -> tuple[float, float]:
         batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
         with self.accelerator.autocast():
             loss_sum, _ = self.objective.loss(self.model, batch, self.cfg.objective)
         # DDP averages gradients over processes: scale so the result is sum / global tokens.
         scale = self.accelerator.num_processes / max(n_total, 1)
-        self.accelerator.backward(loss_sum * scale)
-        return float(loss_sum.detach())
+        loss = loss_sum * scale
+        penalty = self.method.penalty(self.model, self.cfg.method) if with_penalty else None
+        if penalty is not None:  # once per optimizer step, with the last micro-batch (DDP syncs there)
+            loss = loss + penalty
+        self.accelerator.backward(loss)
+        return float(loss_sum.detach()), float(penalty.detach()) if penalty is not None else 0.0
 
     def train_step(self) -> dict[str, float]:
         t = self.cfg.train
         group = self.stream.next_group(t.grad_accum)
         local = torch.tensor(sum(mb.n_trained for mb in group), device=self.accelerator.device)
         n_total = int(self.accelerator.reduce(local, reduction="sum"))
-        loss_sum = 0.0
+        loss_sum, penalty = 0.0, 0.0
         for i, mb in enumerate(group):
             last = i == len(group) - 1
-            if last:
-                loss_sum += self._micro_loss(mb, n_total)
-            else:
-                with self.accelerator.no_sync(self.model):
-                    loss_sum += self._micro_loss(mb, n_total)
-        loss = loss_sum / max(n_total, 1)  # this process's share; exact on one process
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                part, pen = self._micro_loss(mb, n_total, with_penalty=last)
+            loss_sum += part
+            penalty += pen
+        loss = loss_sum / max(n_total, 1) + penalty  # this process's share; exact on one process
         clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
         grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
         lr = self.sched.get_last_lr()[0]
@@ -175,7 +179,8 @@ class Loop:
         self.tokens_seen += n_tokens
         padded = sum(mb.tensors["input_ids"].numel() for mb in group)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_total, "tokens": n_tokens,
-                "padded_tokens": padded, "skipped": float(not applied), "batch": _digest(group)}
+                "padded_tokens": padded, "skipped": float(not applied), "batch": _digest(group),
+                **({"penalty": penalty} if penalty else {})}
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:

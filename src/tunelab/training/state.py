@@ -47,15 +47,18 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    unknown = [n for n in tensors if n not in params]
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], exact: bool = True) -> None:
+    """Copy saved tensors into the model's parameters and buffers by name. Every trainable
+    parameter must be covered (when `exact`) and every saved name must exist."""
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in tensors] if exact else []
+    unknown = [n for n in tensors if n not in targets]
     if missing or unknown:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+        raise RuntimeError(f"saved state does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
     with torch.no_grad():
         for n, t in tensors.items():
-            params[n].copy_(t)
+            targets[n].copy_(t)
 
 
 def save_training_state(
