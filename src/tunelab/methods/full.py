@@ -20,7 +20,7 @@ class FullConfig(MethodConfig):
 
 @register_method(
     "full", FullConfig, family="full", backend="ours", paper="-", mergeable=False,
-    summary="all parameters train", artifact="full", merge=lambda model, cfg: model,
+    summary="all parameters train", artifact="full", identity_at_init=True, merge=lambda model, cfg: model,
 )
 def apply(model: nn.Module, cfg: FullConfig) -> nn.Module:
     for p in model.parameters():

@@ -41,7 +41,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 @register_method(
     "lora", LoraConfig, family="reparameterized", backend="peft", paper="arXiv:2106.09685", mergeable=True,
-    summary="low-rank update B A added to frozen weights; mergeable",
+    summary="low-rank update B A added to frozen weights; mergeable", identity_at_init=True,
 )
 def apply(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     peft_cfg = PeftLoraConfig(

@@ -63,6 +63,8 @@ class MethodSpec:
     state: Callable[[nn.Module], dict[str, torch.Tensor]] = default_state
     # Fold the method into plain base weights (export --merge); mergeable methods only.
     merge: Callable[[nn.Module, Any], nn.Module] = default_merge
+    # The model computes exactly what the base did right after `apply` (checked by the contract tests).
+    identity_at_init: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -79,8 +81,8 @@ def register_method(
     summary: str,
     **hooks: Any,
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Register `apply(model, cfg) -> model`. `hooks`: on_step, penalty, artifact, state, merge
-    (see MethodSpec); peft-backed methods default to the peft artifact."""
+    """Register `apply(model, cfg) -> model`. `hooks`: on_step, penalty, artifact, state, merge,
+    identity_at_init (see MethodSpec); peft-backed methods default to the peft artifact."""
     hooks.setdefault("artifact", "peft" if backend == "peft" else "delta")
 
     def deco(fn: ApplyFn) -> ApplyFn:

@@ -126,7 +126,7 @@ class Loop:
         model = self.accelerator.unwrap_model(self.model)
         return checkpoint.commit(
             self.ckpt_root, self.step,
-            lambda d: save_training_state(d, model, self.opt, self.sched, self.meta()),
+            lambda d: save_training_state(d, self.method.state(model), self.opt, self.sched, self.meta()),
             self.cfg.train.keep_last,
         )
 

@@ -43,10 +43,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], exact: bool = True) -> None:
     """Copy saved tensors into the model's parameters and buffers by name. Every trainable
     parameter must be covered (when `exact`) and every saved name must exist."""
@@ -62,9 +58,10 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], exact: bo
 
 
 def save_training_state(
-    d: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]
+    d: Path, model_state: dict[str, torch.Tensor], opt: torch.optim.Optimizer, sched: Any, meta: dict[str, Any]
 ) -> None:
-    save_file(trainable_state(model), str(d / "trainable.safetensors"))
+    """`model_state`: the method's state (trainable tensors and `tunelab_` buffers), by name."""
+    save_file(model_state, str(d / "trainable.safetensors"))
     save_tree(opt.state_dict(), d / "optimizer")
     save_tree(sched.state_dict(), d / "scheduler")
     save_tree(rng_state(), d / "rng")

@@ -98,5 +98,59 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         "wall_seconds": round(wall, 1), "final_train_loss": round(result.metrics.get("loss", float("nan")), 4),
         "recipe": recipe,
     }
+    stats["eval"] = evaluate_base(out)
     (out / "build.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    write_card(out, stats)
     return stats
+
+
+CARD_TASKS = ("tinyworld:probe", "tinyworld:qa@train", "tinyworld:qa@test")
+
+
+def evaluate_base(path: str | Path) -> dict[str, Any]:
+    """What the base knows: the forgetting probe (cloze accuracy on pretraining facts, perplexity on
+    held-out corpus text) and zero-shot QA on people with and without QA text in the corpus."""
+    from tunelab import api
+    from tunelab.eval.tasks import evaluate_task
+
+    model = api.load(path)
+    out = {}
+    for spec in CARD_TASKS:
+        r = evaluate_task(model, spec)
+        out[spec] = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "tokens"}
+    return out
+
+
+def write_card(out: Path, stats: dict[str, Any]) -> None:
+    ev = stats["eval"]
+    probe, qa_train, qa_test = (ev[k] for k in CARD_TASKS)
+    arch = stats["recipe"]["architecture"]
+    train = stats["recipe"]["run"]["train"]
+    card = f"""# tunelab-tiny
+
+The embedded base model of tunelab: a small Llama pretrained from scratch by tunelab's own loop
+(`objective: lm`, packed, full fine-tuning of a random init) on the TinyWorld corpus (seed
+{stats['recipe']['seed']}). It exists so that every technique can be measured offline on a base
+that knows something: its world's people, places and facts.
+
+| | |
+|---|---|
+| architecture | Llama, hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, \
+{arch['num_attention_heads']} heads, intermediate {arch['intermediate_size']}, tied embeddings |
+| parameters | {stats['parameters']:,} |
+| tokenizer | byte-level BPE, {stats['recipe']['vocab_size']} tokens, ChatML template (`<|im_start|>`, `<|im_end|>`) |
+| corpus | {stats['corpus_documents']:,} documents, {stats['corpus_characters']:,} characters, \
+{stats['corpus_tokens']:,} tokens |
+| training | {stats['steps']} steps x {train['batch_size']} packed rows x \
+{stats['recipe']['run']['data']['max_length']} tokens, lr {train['lr']} cosine, {train['precision']} autocast |
+| wall time | {stats['wall_seconds'] / 60:.1f} min on the build machine (2 CPU cores) |
+| final training loss | {stats['final_train_loss']} |
+| probe: cloze accuracy on pretraining facts | {probe['probe_cloze_accuracy']:.3f} |
+| probe: perplexity on held-out corpus text | {probe['probe_heldout_perplexity']:.3f} |
+| zero-shot QA, people with QA text in the corpus (`qa@train`) | exact match {qa_train['exact_match']:.3f} |
+| zero-shot QA, held-out people (`qa@test`) | exact match {qa_test['exact_match']:.3f} |
+
+Rebuild: `tunelab world build-base --out DIR` (recipe: `configs/tunelab-tiny.yaml`).
+Evaluate: `tunelab eval tunelab-tiny --task tinyworld:probe --task tinyworld:qa@test --json`.
+"""
+    (out / "README.md").write_text(card, encoding="utf-8")
