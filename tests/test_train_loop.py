@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import tunelab
 from tunelab.data.types import IGNORE
-from tunelab.errors import NonFiniteError, ResumeError
+from tunelab.errors import NonFiniteError, ResumeError, TunelabError
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.lm import token_nll_sum
 from tunelab.training import checkpoint
@@ -137,3 +137,27 @@ def test_adapter_loads_in_plain_peft_and_merged_export_in_transformers(llama_dir
         merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
         torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
     assert not any(p.suffix in {".bin", ".pt"} for p in merged_dir.iterdir())
+
+
+def test_out_of_memory_names_sizes_and_fix(llama_dir, chat_data, tmp_path, monkeypatch):
+    spec = OBJECTIVES["sft"]
+
+    def oom(model, batch, cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(OBJECTIVES, "sft", dataclasses.replace(spec, loss=oom))
+    with pytest.raises(TunelabError, match=r"out of memory at step 1 \(micro-batch 4 x 64 tokens") as e:
+        tunelab.train(run_cfg(llama_dir, chat_data, tmp_path / "oom"), quiet=True)
+    assert "grad_accum=2" in str(e.value) and "gradient_checkpointing" in str(e.value)
+
+
+def test_same_seed_same_losses_and_gradient_checkpointing_matches(llama_dir, chat_data, tmp_path):
+    def losses(name: str, **train) -> list[float]:
+        tunelab.train(run_cfg(llama_dir, chat_data, tmp_path / name, **train), quiet=True)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    a, b = losses("a"), losses("b")
+    assert a == b and len(a) == 4
+    c = losses("c", gradient_checkpointing=True)
+    assert c == pytest.approx(a, rel=1e-5, abs=1e-6)

@@ -236,21 +236,21 @@ def generate(
     model_path: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
     chat: bool = True, seed: int = 0,
 ) -> str:
-    """Continue `prompt` (as a user turn through the chat template, when there is one)."""
+    """Reply to `prompt` (a user turn through the chat template, when there is one; else raw text).
+    Greedy by default; `temperature > 0` samples."""
+    from tunelab.eval.generation import encode_prompt, stop_token_ids
+
     model, tok = load(model_path)
     model.eval()
-    if chat and tok.chat_template:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))])
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
         temperature=temperature if sample else None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+        eos_token_id=stop_token_ids(model, tok),
     )
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def export(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:

@@ -6,7 +6,7 @@ import math
 import signal
 from types import FrameType
 
-from tunelab.errors import NonFiniteError
+from tunelab.errors import NonFiniteError, TunelabError
 
 
 class StopSignal:
@@ -60,3 +60,26 @@ class NonFiniteGuard:
             f"non-finite {what}{reason}; the optimizer step was not applied. Samples: {shown}",
             fix="lower train.lr, check these samples, or resume from the last checkpoint with --resume",
         )
+
+
+def is_oom(err: BaseException) -> bool:
+    import torch
+
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def oom_error(err: BaseException, *, step: int, batch_size: int, grad_accum: int, seq_len: int) -> TunelabError:
+    """What to change when a step runs out of memory, with the numbers that matter."""
+    import torch
+
+    peak = ""
+    if torch.cuda.is_available():
+        peak = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return TunelabError(
+        f"out of memory at step {step + 1} (micro-batch {batch_size} x {seq_len} tokens{peak}): {str(err)[:200]}",
+        fix=f"lower train.batch_size and raise train.grad_accum (e.g. batch_size={max(1, batch_size // 2)} "
+        f"grad_accum={grad_accum * 2} keeps the effective batch), lower data.max_length, or set "
+        "train.gradient_checkpointing=true",
+    )

@@ -26,7 +26,7 @@ from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
 from tunelab.training import checkpoint
-from tunelab.training.guards import NonFiniteGuard, StopSignal
+from tunelab.training.guards import NonFiniteGuard, StopSignal, is_oom, oom_error
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.progress import Reporter
 from tunelab.training.state import load_training_state, save_training_state
@@ -182,6 +182,16 @@ class Loop:
                 "padded_tokens": padded, "skipped": float(not applied), "batch": _digest(group),
                 **({"penalty": penalty} if penalty else {})}
 
+    def _guarded_step(self) -> dict[str, float]:
+        try:
+            return self.train_step()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            t = self.cfg.train
+            raise oom_error(e, step=self.step, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                            seq_len=self.cfg.data.max_length) from None
+
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:
             return {}
@@ -203,7 +213,7 @@ class Loop:
         with StopSignal() as stop, self.reporter.progress(self.total_steps, self.step) as bar:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                m = self.train_step()
+                m = self._guarded_step()
                 m["step_time"] = time.perf_counter() - t0
                 m["tokens_per_s"] = m["tokens"] / max(m["step_time"], 1e-9)
                 m["elapsed"] = time.perf_counter() - start
