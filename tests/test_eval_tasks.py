@@ -288,7 +288,8 @@ def test_cli_world_build_base_passes_its_options(capsys, monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(tunelab.world.base, "build_base",
-                        lambda out, recipe, steps=None: calls.append((out, recipe, steps)) or {"steps": steps})
+                        lambda out, recipe, steps=None, resume=False: calls.append((out, recipe, steps))
+                        or {"steps": steps})
     code, out, _ = cli(capsys, "world", "build-base", "--out", str(tmp_path / "b"), "--steps", "3")
     assert code == 0 and calls == [(str(tmp_path / "b"), None, 3)] and json.loads(out) == {"steps": 3}
 

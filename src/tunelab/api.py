@@ -117,6 +117,8 @@ def train(
     objective = OBJECTIVES[cfg.objective.name]
     tokenizer = load_tokenizer(cfg.model)
     kw = {"mask_prompt": objective.mask_prompt, "formats": objective.formats, "log": reporter.say}
+    if getattr(cfg.objective, "labels", None) is not None:  # classification: the class order
+        kw["labels"] = cfg.objective.labels
     train_data = load_tokenized(cfg.data, "train", tokenizer, **kw)
     eval_data = load_tokenized(cfg.data, "eval", tokenizer, **kw) if cfg.data.eval else None
 

@@ -139,11 +139,12 @@ def world_build_base(
     out: str = typer.Option(..., "--out", help="model folder to write"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="pretraining steps (default: the recipe's)"),
     recipe: str | None = typer.Option(None, "--recipe", help="recipe YAML (default: configs/tunelab-tiny.yaml)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted build from its last checkpoint"),
 ) -> None:
     """Pretrain the tiny base model on the TinyWorld corpus; prints its build stats as JSON."""
     from tunelab.world.base import build_base
 
-    _print_json(build_base(out, recipe, steps=steps))
+    _print_json(build_base(out, recipe, steps=steps, resume=resume))
 
 
 @app.command()

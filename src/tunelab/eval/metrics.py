@@ -19,8 +19,10 @@ from tunelab.objectives.lm import forward_logits, token_nll_sum
 def evaluate_loss(
     model: nn.Module, examples: list[Example], *, batch_size: int, pad_id: int, packing: bool, max_length: int,
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Loss (mean NLL per trained token, in nats), perplexity and the token count, in data order."""
+    """Loss (mean NLL per trained token, in nats), perplexity and the token count, in data order.
+    `loss(model, batch) -> (sum, count)` replaces the next-token loss (e.g. an objective's own)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -33,7 +35,10 @@ def evaluate_loss(
         chunk = [[examples[i] for i in row] for row in rows[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id=pad_id, packed=packing).items()}
         with autocast():
-            loss_sum, n = token_nll_sum(forward_logits(model, batch), batch["labels"])
+            if loss is None:
+                loss_sum, n = token_nll_sum(forward_logits(model, batch), batch["labels"])
+            else:
+                loss_sum, n = loss(model, batch)
         total += float(loss_sum)
         count += int(n)
     model.train(was_training)

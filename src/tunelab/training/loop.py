@@ -199,6 +199,7 @@ class Loop:
         out = evaluate_loss(
             self.accelerator.unwrap_model(self.model), self.eval_data, batch_size=self.cfg.train.batch_size,
             pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
+            loss=lambda model, batch: self.objective.loss(model, batch, self.cfg.objective),
         )
         return {f"eval_{k}": v for k, v in out.items()}
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Pr
 
 from tunelab.bpe import train_bpe
 from tunelab.config import deep_merge, read_yaml
+from tunelab.errors import TunelabError
 from tunelab.world.chat import IM_END
 from tunelab.world.corpus import make_corpus
 from tunelab.world.generator import make_world
@@ -64,8 +65,12 @@ def init_model(out: Path, tok: PreTrainedTokenizerBase, arch: dict[str, Any], se
 
 
 def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps: int | None = None,
-               quiet: bool = False) -> dict[str, Any]:
-    """Pretrain tunelab-tiny into `out` (a model folder with a README.md model card)."""
+               quiet: bool = False, resume: bool = False, eval_limit: int | None = None) -> dict[str, Any]:
+    """Pretrain tunelab-tiny into `out` (a model folder with a README.md model card). The work
+    folder `<out>.work` keeps the corpus, the initial model and the run: `resume` continues an
+    interrupted build from its last checkpoint (exactly: the result is the same as uninterrupted)."""
+    from transformers import AutoTokenizer
+
     from tunelab import api
 
     recipe = load_recipe(recipe_path)
@@ -73,19 +78,27 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         recipe["run"] = deep_merge(recipe["run"], {"train": {"max_steps": steps}})
     out = Path(out)
     work = out.with_name(out.name + ".work")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     t0 = time.perf_counter()
-    docs = write_corpus(recipe["seed"], work / "corpus.jsonl")
-    tok = train_bpe(docs, vocab_size=recipe["vocab_size"])
-    init_model(work / "init", tok, recipe["architecture"], recipe["seed"])
+    if resume and (work / "run" / "config.yaml").is_file():
+        docs = [json.loads(line)["text"] for line in (work / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+        tok = AutoTokenizer.from_pretrained(str(work / "init"))
+    else:
+        resume = False
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        docs = write_corpus(recipe["seed"], work / "corpus.jsonl")
+        tok = train_bpe(docs, vocab_size=recipe["vocab_size"])
+        init_model(work / "init", tok, recipe["architecture"], recipe["seed"])
     run_cfg = deep_merge(recipe["run"], {
         "model": {"name_or_path": str(work / "init")},
         "data": {"train": str(work / "corpus.jsonl")},
         "train": {"seed": recipe["seed"]},
         "output": {"dir": str(work / "run")},
     })
-    result = api.train(run_cfg, quiet=quiet)
+    result = api.train(run_cfg, quiet=quiet, resume=resume)
+    if result.status != "completed":
+        raise TunelabError(f"the build was interrupted at step {result.steps}",
+                           fix=f"continue it: tunelab world build-base --out {out} --resume")
     wall = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(work / "run" / "final", out)
@@ -98,7 +111,7 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         "wall_seconds": round(wall, 1), "final_train_loss": round(result.metrics.get("loss", float("nan")), 4),
         "recipe": recipe,
     }
-    stats["eval"] = evaluate_base(out)
+    stats["eval"] = evaluate_base(out, limit=eval_limit)
     (out / "build.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
     write_card(out, stats)
     return stats
@@ -107,7 +120,7 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
 CARD_TASKS = ("tinyworld:probe", "tinyworld:qa@train", "tinyworld:qa@test")
 
 
-def evaluate_base(path: str | Path) -> dict[str, Any]:
+def evaluate_base(path: str | Path, limit: int | None = None) -> dict[str, Any]:
     """What the base knows: the forgetting probe (cloze accuracy on pretraining facts, perplexity on
     held-out corpus text) and zero-shot QA on people with and without QA text in the corpus."""
     from tunelab import api
@@ -116,7 +129,7 @@ def evaluate_base(path: str | Path) -> dict[str, Any]:
     model = api.load(path)
     out = {}
     for spec in CARD_TASKS:
-        r = evaluate_task(model, spec)
+        r = evaluate_task(model, spec, limit=limit)
         out[spec] = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "tokens"}
     return out
 
