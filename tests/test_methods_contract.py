@@ -21,8 +21,12 @@ from tunelab.methods.artifacts import save_artifact
 REQUIRED = {
     "adalora": {"total_step": 4},
     "peft": {"peft_type": "IA3"},
+    "partial": {"last_k": 1},
 }
-# Methods whose forward is not a causal LM over the same tokens (heads) or that need a data phase.
+# QLoRA's artifact is a plain LoRA adapter; reloaded it sits on the full-precision base, so its
+# logits differ from the 4-bit training model by the base's quantisation error (test_method_qlora
+# checks the exact claim on the dequantised base).
+ROUND_TRIP_ATOL = {"qlora": 0.25}
 VOCAB = 400
 
 
@@ -90,7 +94,8 @@ def test_save_load_round_trip(name, arch, model_dirs, tmp_path):
     save_artifact(model, tok, method_cfg(name), ModelConfig(name_or_path=str(model_dirs[arch])), tmp_path / "final")
     reloaded, _ = api.load(tmp_path / "final")
     ids = ids_for()
-    torch.testing.assert_close(logits(reloaded.eval(), ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+    atol = ROUND_TRIP_ATOL.get(name, 1e-5)
+    torch.testing.assert_close(logits(reloaded.eval(), ids), logits(model, ids), atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, arch", [c for c in CASES if METHODS[c[0]].mergeable])

@@ -90,6 +90,12 @@ def collate(
             batch["attention_mask"] = block_causal_mask(pos, block_mask)
     else:
         batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    # --- classification (data/classify.py): one class id per row, `label` (B,)
+    if any(ex.label is not None for row in rows for ex in row):
+        if packed or any(ex.label is None for row in rows for ex in row):
+            raise ValueError("classification examples need packed=False and a label on every example")
+        batch["label"] = torch.tensor([row[0].label for row in rows], dtype=torch.long)  # (B,)
+    # ---
     return batch
 
 

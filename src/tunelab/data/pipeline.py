@@ -11,11 +11,12 @@ import hashlib
 import sys
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tunelab.config import DataConfig
+from tunelab.data import classify
 from tunelab.data.formats import RENDERED, to_messages
 from tunelab.data.sources import read_records
 from tunelab.data.templates import ChatTemplate, resolve_template, tokenize_chat, tokenize_text
@@ -63,6 +64,7 @@ class Built:
     n_dropped_overlength: int = 0
     tokens_before: int = 0  # of every rendered example, before truncation
     tokens_lost: int = 0
+    labels: list[str] = field(default_factory=list)  # classification: the label order (class id = position)
 
 
 def split_path(cfg: DataConfig, split: str) -> str:
@@ -74,7 +76,8 @@ def split_path(cfg: DataConfig, split: str) -> str:
 
 
 def build(
-    path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, formats: Iterable[str], log: Log
+    path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, formats: Iterable[str], log: Log,
+    labels: Sequence[str] | None = None,
 ) -> Built:
     """One pass over `path`: read, validate, render, tokenize and apply the over-length policy."""
     records = list(read_records(path))
@@ -87,6 +90,12 @@ def build(
             "auto-detection guessed wrong)",
         )
     out = Built(path, fmt, n_records=len(records))
+    # --- classification (data/classify.py): one label order for every split, from the training file
+    if fmt == "classification" and tokenizer is not None:
+        classify.refuse_packing(cfg.packing)
+        train = split_path(cfg, "train") if cfg.train is not None else path
+        out.labels = classify.label_order(records if train == path else read_records(train), labels)
+    # ---
     template = resolve_template(cfg.chat_template, tokenizer, log) if fmt in ("instruction", "chat") else None
     for where, record in records:
         _one(out, where, record, cfg, tokenizer, mask_prompt, template)
@@ -101,6 +110,14 @@ def _one(out: Built, where: str, record: Any, cfg: DataConfig, tokenizer: Any, m
     if problem is not None:
         out.bad.append((where, problem.kind, problem.reason))
         return
+    # --- classification (data/classify.py)
+    if out.fmt == "classification" and tokenizer is not None:
+        try:
+            _keep(out, classify.classification_example(record, where, tokenizer, out.labels), cfg)
+        except RecordError as e:
+            out.bad.append((where, e.kind, e.reason))
+        return
+    # ---
     if out.fmt not in RENDERED or tokenizer is None:
         return
     try:
@@ -125,7 +142,7 @@ def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
             return
         out.n_truncated += 1
         out.tokens_lost += n - limit
-        ex = Example(ex.input_ids[:limit], ex.labels[:limit], ex.where)
+        ex = replace(ex, input_ids=ex.input_ids[:limit], labels=ex.labels[:limit])
     if all(label == IGNORE for label in ex.labels):
         after = f" left after truncation to {limit} tokens" if truncated else ""
         out.zero_trainable.append(f"{ex.where}: no trainable tokens{after}")
@@ -215,15 +232,17 @@ def load_tokenized(
     mask_prompt: bool,
     formats: tuple[str, ...] = ("text", "instruction", "chat"),
     log: Log = print,
+    labels: Sequence[str] | None = None,
 ) -> TokenizedData:
     """Read, validate, render, tokenize and mask `cfg.train` or `cfg.eval`.
 
-    `formats`: the dataset formats the objective accepts. Raises DataError for bad records (per
+    `formats`: the dataset formats the objective accepts; `labels`: the classification label order
+    (default: the sorted labels of `cfg.train`, see data/classify.py). Raises DataError for bad records (per
     `cfg.on_error`), a format outside `formats`, or nothing left to train on.
     """
     path = split_path(cfg, split)
-    out = build(path, cfg, tokenizer, mask_prompt, formats, log)
-    if out.fmt not in RENDERED:
+    out = build(path, cfg, tokenizer, mask_prompt, formats, log, labels)
+    if out.fmt not in (*RENDERED, "classification"):
         raise DataError(f"{path}: format {out.fmt!r} is validated but not tokenized by load_tokenized")
     enforce(out, cfg, log)
     if not out.kept:
@@ -236,4 +255,7 @@ def load_tokenized(
         f"data: {split} {s['n_examples']} examples, {s['n_tokens']} tokens, {s['n_trainable_tokens']} trained "
         f"({out.fmt}, from {path})"
     )
+    if out.labels:  # classification: show the class ids the head's outputs will mean
+        s["labels"] = out.labels
+        log("data: labels " + ", ".join(f"{i}={name}" for i, name in enumerate(out.labels)))
     return TokenizedData(out.kept, fingerprint(out.kept), s)

@@ -15,6 +15,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str = ""
+    # --- classification (data/classify.py): the class id; `labels` then holds it once, at position 1
+    label: int | None = None
+    # ---
 
 
 @dataclass

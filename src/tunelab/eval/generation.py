@@ -145,6 +145,7 @@ def _score_chunk(model: nn.Module, rows: list[tuple[list[int], int]], pad: int) 
         scored[i, n_ctx : len(ids)] = True
     device = _device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    logits = logits[:, -input_ids.shape[1]:]  # prompt-learning models prepend virtual-token positions
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts token t+1
     target = input_ids[:, 1:].to(device)
     token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)

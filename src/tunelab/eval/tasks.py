@@ -160,6 +160,12 @@ def evaluate_records(
     if kind == "cloze":
         return _cloze(records, generate)
     if kind == "classification":
+        # --- classification heads (methods/heads.py): accuracy of the head's argmax, not label log-likelihood
+        from tunelab.methods.heads import evaluate_head, is_classifier
+
+        if is_classifier(model):
+            return evaluate_head(model, tokenizer, records, labels, batch_size=batch_size, max_length=max_length)
+        # ---
         return _classification(records, score, labels)
     if kind == "preference":
         return _preference(records, score)

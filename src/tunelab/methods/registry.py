@@ -65,6 +65,8 @@ class MethodSpec:
     merge: Callable[[nn.Module, Any], nn.Module] = default_merge
     # The model computes exactly what the base did right after `apply` (checked by the contract tests).
     identity_at_init: bool = False
+    # Which optimizer the loop builds for this config: "adamw" | "paged_adamw_8bit" | "paged_adamw_32bit".
+    optimizer: Callable[[Any], str] = lambda cfg: "adamw"
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -39,8 +39,11 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (B, T, V) for the batch's T tokens. Prompt-learning models (prompt tuning, P-tuning)
+    prepend virtual-token positions to their logits; those are dropped. use_cache=False: with no KV
+    cache transformers builds the block-diagonal mask of packed rows from the position ids."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return model(**inputs, use_cache=False).logits
+    return model(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1]:]
 
 
 def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,7 @@ class Loop:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()
-        opt = build_optimizer(self.model, t)
+        opt = build_optimizer(self.model, t, self.method.optimizer(self.cfg.method))
         self.model, self.opt = self.accelerator.prepare(self.model, opt)
         self.sched = build_scheduler(opt, t, self.total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

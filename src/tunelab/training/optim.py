@@ -11,7 +11,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from tunelab.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged AdamW (CUDA only: optimizer state pages to CPU memory under
+    pressure instead of failing) when the method asks for it."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -22,6 +24,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         from tunelab.errors import TunelabError
 
         raise TunelabError("the method left no trainable parameter", fix="check the method's settings")
+    if kind != "adamw":
+        import bitsandbytes as bnb
+
+        paged = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+        return paged[kind](groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
 
 
