@@ -304,7 +304,7 @@ def method_cost(model: str, method: str, overrides: list[str] | None = None) -> 
 def methods(model: str | None = "tunelab-tiny") -> list[dict[str, Any]]:
     """The registry; with `model`, each method's trainable parameters on it at default settings."""
     rows = []
-    for s in METHODS.values():
+    for s in sorted(METHODS.values(), key=lambda s: s.name):
         row = {"name": s.name, "family": s.family, "backend": s.backend, "mergeable": s.mergeable,
                "paper": s.paper, "summary": s.summary}
         if model is not None:

@@ -168,7 +168,7 @@ def methods(
     for r in rows:
         merge = "mergeable" if r["mergeable"] else "-"
         n = f"{r['trainable']:,}" if r.get("trainable") is not None else "?"
-        typer.echo(f"{r['name']:<10} {r['family']:<16} {r['backend']:<5} {merge:<10} {n:>10}  {r['paper']:<17} "
+        typer.echo(f"{r['name']:<15} {r['family']:<16} {r['backend']:<5} {merge:<10} {n:>10}  {r['paper']:<17} "
                    f"{r['summary']}")
 
 
@@ -183,8 +183,10 @@ def demo(out: str = typer.Option("runs/demo", "--out")) -> None:
 def _quiet_libraries() -> None:
     """Library chatter (per-file progress bars, deprecation notes aimed at library authors) hides
     what tunelab says; keep errors."""
+    import logging
     import warnings
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional-kernel notice on every import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -33,7 +33,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
         "data": {"format": "text", "packing": True, "max_length": 256},
         "method": {"name": "full"},
         "objective": {"name": "lm"},
-        "train": {"max_steps": 1800, "batch_size": 16, "lr": 2e-3, "warmup": 50, "scheduler": "cosine",
+        "train": {"max_steps": 1500, "batch_size": 16, "lr": 2e-3, "warmup": 50, "scheduler": "cosine",
                   "min_lr_ratio": 0.1, "weight_decay": 0.1, "adam_betas": [0.9, 0.98], "precision": "bf16",
                   "save_every": 200, "log_every": 50, "tensorboard": False},
     },
