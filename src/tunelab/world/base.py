@@ -24,29 +24,17 @@ from tunelab.world.corpus import make_corpus
 from tunelab.world.generator import make_world
 
 RECIPE = Path(__file__).resolve().parents[3] / "configs" / "tunelab-tiny.yaml"
-DEFAULT_RECIPE: dict[str, Any] = {
-    "seed": 0,
-    "vocab_size": 2048,
-    "architecture": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-                     "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
-    "run": {
-        "data": {"format": "text", "packing": True, "max_length": 256},
-        "method": {"name": "full"},
-        "objective": {"name": "lm"},
-        "train": {"max_steps": 1500, "batch_size": 16, "lr": 2e-3, "warmup": 50, "scheduler": "cosine",
-                  "min_lr_ratio": 0.1, "weight_decay": 0.1, "adam_betas": [0.9, 0.98], "precision": "bf16",
-                  "save_every": 200, "log_every": 50, "tensorboard": False},
-    },
-}
-
-
 def load_recipe(path: str | Path | None = None) -> dict[str, Any]:
-    p = Path(path) if path else RECIPE
-    return deep_merge(DEFAULT_RECIPE, read_yaml(p)) if p.is_file() else dict(DEFAULT_RECIPE)
+    """The recipe YAML (default: configs/tunelab-tiny.yaml of the source checkout); a partial
+    recipe is completed from the default one."""
+    if not RECIPE.is_file():
+        raise TunelabError(f"{RECIPE}: the tunelab-tiny recipe is missing", fix="run from a source checkout")
+    recipe = read_yaml(RECIPE)
+    return deep_merge(recipe, read_yaml(path)) if path else recipe
 
 
-def write_corpus(world_seed: int, path: Path) -> list[str]:
-    docs = make_corpus(make_world(world_seed), world_seed)
+def write_corpus(world_seed: int, path: Path, **corpus: Any) -> list[str]:
+    docs = make_corpus(make_world(world_seed), world_seed, **corpus)
     path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     return docs
 
@@ -86,7 +74,7 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         resume = False
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        docs = write_corpus(recipe["seed"], work / "corpus.jsonl")
+        docs = write_corpus(recipe["seed"], work / "corpus.jsonl", **recipe.get("corpus", {}))
         tok = train_bpe(docs, vocab_size=recipe["vocab_size"])
         init_model(work / "init", tok, recipe["architecture"], recipe["seed"])
     run_cfg = deep_merge(recipe["run"], {
