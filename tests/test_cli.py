@@ -30,7 +30,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
         ({"train": {"lrr": 1}}, "train.lrr: unknown key; allowed: max_steps"),
         ({"train": {"batch_size": "big"}}, "train.batch_size: Input should be a valid integer"),
         ({"data": {"overlength": "squash"}}, "data.overlength: Input should be 'truncate', 'drop' or 'raise'"),
-        ({"method": {"name": "lorra"}}, "method.name: unknown method 'lorra'; registered: full, lora"),
+        ({"method": {"name": "lorra"}}, "method.name: unknown method 'lorra'; registered: adalora, adapters,"),
         ({"method": {"name": "lora", "rank": 4}}, "method.rank: unknown key; allowed: name, r, alpha"),
         ({"train": {"keep_last": 1}}, "train.keep_last: Input should be greater than or equal to 2"),
     ],

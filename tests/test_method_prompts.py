@@ -124,8 +124,8 @@ def test_generate_through_the_api(runs, name):
 @pytest.mark.parametrize("name", ["prefix", "prompt", "ptuning"])
 def test_batched_greedy_equals_one_by_one(runs, name):
     model, tok = api.load(runs[name])
-    prompts = ["what colour is the lamp?", "what colour is the river? tell me now", "what?"]
-    batched = greedy(model, tok, prompts, max_new_tokens=6, batch_size=3, chat=True)
+    prompts = ["what colour is the lamp?", "what colour is the river? tell me now", "what?", "what colour is the road?"]
+    batched = greedy(model, tok, prompts, max_new_tokens=6, batch_size=4, chat=True)
     alone = [greedy(model, tok, [p], max_new_tokens=6, chat=True)[0] for p in prompts]
     assert batched == alone
 

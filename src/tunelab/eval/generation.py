@@ -76,17 +76,34 @@ def greedy(
     stops = stop_token_ids(model, tokenizer)
     pad = pad_id(tokenizer)
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    replies: list[str] = []
+    replies: dict[int, str] = {}
     with _eval_mode(model):
-        for start in range(0, len(encoded), batch_size):
-            input_ids, mask = _left_pad(encoded[start : start + batch_size], pad, _device(model))
+        for batch in _batches(encoded, batch_size, same_length=_virtual_tokens_first(model)):
+            input_ids, mask = _left_pad([encoded[i] for i in batch], pad, _device(model))
             out = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad,
             )  # (B, T + new)
-            new = out[:, input_ids.shape[1] :].tolist()
-            replies += [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True) for row in new]
-    return replies
+            for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
+                replies[i] = tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True)
+    return [replies[i] for i in range(len(encoded))]
+
+
+def _virtual_tokens_first(model: nn.Module) -> bool:
+    """peft prompt/P-tuning models put virtual tokens before the (left-padded) input and ignore
+    position ids, so padding would shift the input's positions relative to them."""
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False)) and getattr(cfg, "peft_type", None) != "PREFIX_TUNING"
+
+
+def _batches(encoded: list[list[int]], size: int, same_length: bool) -> list[list[int]]:
+    """Index batches in order; with `same_length`, only prompts of one length share a batch (no padding)."""
+    if not same_length:
+        return [list(range(s, min(s + size, len(encoded)))) for s in range(0, len(encoded), size)]
+    by_len: dict[int, list[int]] = {}
+    for i, row in enumerate(encoded):
+        by_len.setdefault(len(row), []).append(i)
+    return [group[s : s + size] for group in by_len.values() for s in range(0, len(group), size)]
 
 
 def pad_id(tokenizer: Any) -> int:
