@@ -10,15 +10,6 @@ from tunelab.eval.generation import continuation_logprobs, greedy, stop_token_id
 from tunelab.world.chat import IM_END
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes a second one very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama(llama_dir):
     return AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval(), AutoTokenizer.from_pretrained(str(llama_dir))

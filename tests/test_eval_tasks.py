@@ -31,15 +31,6 @@ from tunelab.eval.tasks import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes a second one very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(llama_dir):
     return AutoTokenizer.from_pretrained(str(llama_dir))
