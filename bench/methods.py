@@ -69,7 +69,8 @@ def measure(name: str, cfg: str, task: tuple[str, str], steps: int, runs: Path) 
     if train.returncode != 0:
         return {"method": name, "error": train.stderr.strip().splitlines()[-1:]}
     summary = json.loads((run_dir / "summary.json").read_text())
-    ev, _, _ = run(["eval", str(run_dir), "--task", task[0], "--forgetting", "--json"])
+    probe = ["--forgetting"] if task is QA else []  # head models have no LM head to probe
+    ev, _, _ = run(["eval", str(run_dir), "--task", task[0], *probe, "--json"])
     metrics = json.loads(ev.stdout) if ev.returncode == 0 else {}
     forget = metrics.get("forgetting", {})
     return {
@@ -79,7 +80,7 @@ def measure(name: str, cfg: str, task: tuple[str, str], steps: int, runs: Path) 
         "train_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
         "task": task[0], "metric": task[1], "score": metrics.get(task[0], {}).get(task[1]),
         "forgetting_points": forget.get("drop", {}).get("cloze_accuracy_points"),
-        "eval_error": None if ev.returncode == 0 else ev.stderr.strip().splitlines()[-1:],
+        "eval_error": None if ev.returncode == 0 else [x for x in ev.stderr.splitlines() if "error" in x.lower()][-1:],
     }
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".table.md").write_text(table)
+    (out.parent / "methods.table.md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def forgetting(
     {"model": probe, "base": probe, "drop": {"cloze_accuracy_points": 100 * (base - model),
     "heldout_perplexity_change": model - base}}."""
     model, tok = load_model_or_run(model_or_run)
+    if not hasattr(model, "generate"):
+        raise TunelabError("the forgetting probe needs a language model; this one has a task head instead of "
+                           "its LM head", fix="evaluate head models on their task only (drop --forgetting)")
     base = base_for(model, model_or_run, base)
     kw: dict[str, Any] = {"limit": limit, "batch_size": batch_size, "facts": facts, "heldout": heldout}
     ours = run_probe(model, tok, **kw)
