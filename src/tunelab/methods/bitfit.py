@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.config import MethodConfig
-from tunelab.methods.krona import dense_modules, in_out
+from tunelab.methods._linear import dense_modules, in_out
 from tunelab.methods.partial import is_norm
 from tunelab.methods.registry import register_method
 

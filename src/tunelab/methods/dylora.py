@@ -30,7 +30,7 @@ from torch import nn
 
 from tunelab.config import MethodConfig
 from tunelab.errors import TunelabError
-from tunelab.methods.krona import add_to_weight, dense_modules, in_out, unwrap
+from tunelab.methods._linear import add_to_weight, dense_modules, in_out, unwrap
 from tunelab.methods.registry import register_method
 
 
