@@ -17,7 +17,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def build_on_meta(cfg) -> tuple[int, int]:
-    hf_cfg = AutoConfig.from_pretrained(resolve_path(cfg.model.name_or_path))
+    # recipes that start from an earlier recipe's output (runs/...) are built on the base it tuned
+    name = "tunelab-tiny" if cfg.model.name_or_path.startswith("runs/") else cfg.model.name_or_path
+    hf_cfg = AutoConfig.from_pretrained(resolve_path(name))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg)
         model = METHODS[cfg.method.name].apply(model, cfg.method)

@@ -129,10 +129,10 @@ def test_check_report(tmp_path, tok):
     assert f"{path}:2: messages must be a list" in text and "a run would STOP" in text
 
 
-def test_check_report_validates_formats_it_does_not_tokenize(tmp_path, tok):
+def test_check_report_validates_and_tokenizes_preference_pairs(tmp_path, tok):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}, {"prompt": "Q?"}])
     report = check_report(DataConfig(train=str(path)), tok, mask_prompt=True)
     assert report["train"]["format"] == "preference"
     assert report["train"]["validation"]["problems"] == [f"{path}:2: missing field 'chosen'"]
-    assert report["train"]["tokens"] is None
+    assert report["train"]["tokens"]["examples"] == 1  # one (chosen, rejected) pair
     assert "format preference" in format_check_report(report)

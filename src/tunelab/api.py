@@ -130,7 +130,7 @@ def train(
     )
     save_config(cfg, run_dir / "config.yaml")
     loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
-                tokenizer.pad_token_id, train_data.fingerprint, reporter)
+                tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer)
     if ckpt is not None:
         if read_meta(ckpt)["data_fingerprint"] != train_data.fingerprint and not allow_changed:
             raise ResumeError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -66,6 +67,8 @@ def collate(
     """
     if not rows or any(not row for row in rows):
         raise ValueError("collate needs at least one row, and no empty row")
+    if any(ex.rejected is not None for row in rows for ex in row):
+        return _collate_pairs(rows, pad_id)
     if not packed and any(len(row) > 1 for row in rows):
         raise ValueError("several examples in one row need packed=True, or they would attend to each other")
     width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
@@ -96,6 +99,19 @@ def collate(
             raise ValueError("classification examples need packed=False and a label on every example")
         batch["label"] = torch.tensor([row[0].label for row in rows], dtype=torch.long)  # (B,)
     # ---
+    return batch
+
+
+def _collate_pairs(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs (data/preference.py), one per row: the B chosen conversations, then the B
+    rejected ones, in one (2B, T) batch (one forward pass scores both), and `n_pairs` = B, the
+    number of trained units the loop normalises by."""
+    if any(len(row) != 1 or row[0].rejected is None for row in rows):
+        raise ValueError("preference pairs need packed=False and a rejected reply on every example")
+    pairs = [row[0] for row in rows]
+    rows_2b = [[replace(ex, rejected=None)] for ex in pairs] + [[ex.rejected] for ex in pairs]
+    batch = collate(rows_2b, pad_id, packed=False)
+    batch["n_pairs"] = torch.tensor(len(pairs))
     return batch
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tunelab.config import DataConfig
-from tunelab.data import classify
+from tunelab.data import classify, preference
 from tunelab.data.formats import RENDERED, to_messages
 from tunelab.data.sources import read_records
 from tunelab.data.templates import ChatTemplate, resolve_template, tokenize_chat, tokenize_text
@@ -96,7 +96,11 @@ def build(
         train = split_path(cfg, "train") if cfg.train is not None else path
         out.labels = classify.label_order(records if train == path else read_records(train), labels)
     # ---
-    template = resolve_template(cfg.chat_template, tokenizer, log) if fmt in ("instruction", "chat") else None
+    if fmt in preference.PAIR_FORMATS and cfg.packing:
+        raise DataError("data.packing cannot be used with preference data: chosen and rejected replies are scored "
+                        "one per row", fix="set data.packing=false")
+    chat_like = ("instruction", "chat", preference.PROMPT_FORMAT, *preference.PAIR_FORMATS)
+    template = resolve_template(cfg.chat_template, tokenizer, log) if fmt in chat_like else None
     for where, record in records:
         _one(out, where, record, cfg, tokenizer, mask_prompt, template)
     return out
@@ -118,6 +122,18 @@ def _one(out: Built, where: str, record: Any, cfg: DataConfig, tokenizer: Any, m
             out.bad.append((where, e.kind, e.reason))
         return
     # ---
+    # --- preference pairs (data/preference.py): one example per (chosen, rejected) pair
+    if out.fmt in preference.PAIR_FORMATS and tokenizer is not None:
+        try:
+            for ex in preference.pair_examples(record, out.fmt, tokenizer, template, where):
+                _keep(out, ex, cfg)
+        except RecordError as e:
+            out.bad.append((where, e.kind, e.reason))
+        return
+    if out.fmt == preference.PROMPT_FORMAT and tokenizer is not None:
+        _keep(out, preference.prompt_example(record, tokenizer, template, where), cfg)
+        return
+    # ---
     if out.fmt not in RENDERED or tokenizer is None:
         return
     try:
@@ -129,7 +145,8 @@ def _one(out: Built, where: str, record: Any, cfg: DataConfig, tokenizer: Any, m
 
 
 def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
-    n, limit = len(ex.input_ids), cfg.max_length
+    limit = cfg.max_length
+    n = max(len(ex.input_ids), len(ex.rejected.input_ids) if ex.rejected else 0)
     out.tokens_before += n
     truncated = n > limit
     if truncated:
@@ -142,8 +159,10 @@ def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
             return
         out.n_truncated += 1
         out.tokens_lost += n - limit
-        ex = replace(ex, input_ids=ex.input_ids[:limit], labels=ex.labels[:limit])
-    if all(label == IGNORE for label in ex.labels):
+        rejected = ex.rejected and replace(ex.rejected, input_ids=ex.rejected.input_ids[:limit],
+                                           labels=ex.rejected.labels[:limit])
+        ex = replace(ex, input_ids=ex.input_ids[:limit], labels=ex.labels[:limit], rejected=rejected)
+    if any(all(label == IGNORE for label in e.labels) for e in (ex, ex.rejected) if e is not None):
         after = f" left after truncation to {limit} tokens" if truncated else ""
         out.zero_trainable.append(f"{ex.where}: no trainable tokens{after}")
         return
@@ -195,7 +214,8 @@ def fingerprint(examples: Iterable[Example]) -> str:
     """sha256 over every example's ids and labels, in order (little-endian int32, length-prefixed)."""
     h = hashlib.sha256()
     for ex in examples:
-        for seq in (ex.input_ids, ex.labels):
+        pair = (ex.rejected.input_ids, ex.rejected.labels) if ex.rejected else ()
+        for seq in (ex.input_ids, ex.labels, *pair):
             a = array("i", [len(seq), *seq])
             if sys.byteorder == "big":
                 a.byteswap()
@@ -242,7 +262,7 @@ def load_tokenized(
     """
     path = split_path(cfg, split)
     out = build(path, cfg, tokenizer, mask_prompt, formats, log, labels)
-    if out.fmt not in (*RENDERED, "classification"):
+    if out.fmt not in (*RENDERED, "classification", preference.PROMPT_FORMAT, *preference.PAIR_FORMATS):
         raise DataError(f"{path}: format {out.fmt!r} is validated but not tokenized by load_tokenized")
     enforce(out, cfg, log)
     if not out.kept:

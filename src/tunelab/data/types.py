@@ -18,6 +18,9 @@ class Example:
     # --- classification (data/classify.py): the class id; `labels` then holds it once, at position 1
     label: int | None = None
     # ---
+    # --- preference pairs (data/preference.py): this example is the chosen reply, `rejected` the other
+    rejected: Example | None = None
+    # ---
 
 
 @dataclass

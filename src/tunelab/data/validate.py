@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.errors import DataError
 
-FORMATS = ("text", "instruction", "chat", "preference", "classification")
+FORMATS = ("text", "instruction", "chat", "preference", "ranking", "prompt", "classification")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names -> roles; "user"/"assistant" are accepted there too.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -40,6 +40,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
     keys = set(record)
     if {"prompt", "chosen", "rejected"} <= keys:
         return "preference"
+    if {"prompt", "responses"} <= keys:
+        return "ranking"
     if "messages" in keys or "conversations" in keys:
         return "chat"
     if "instruction" in keys:
@@ -48,6 +50,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "classification"
     if "text" in keys:
         return "text"
+    if "prompt" in keys:
+        return "prompt"
     return None
 
 
@@ -62,6 +66,8 @@ def resolve_format(configured: str, records: Sequence[tuple[str, Any]], path: st
         if fmt is not None:
             seen[fmt] += 1
             first.setdefault(fmt, where)
+    if len(seen) > 1 and "prompt" in seen:  # a lone prompt beside other records is an incomplete pair/ranking
+        del seen["prompt"]
     fix = f"set data.format to one of {', '.join(FORMATS)}; records that do not fit it are then listed one by one"
     if not seen:
         raise DataError(f"{path}: no record has the fields of a known format", fix=fix)
@@ -126,15 +132,35 @@ def _check_chat(r: dict[str, Any]) -> Problem | None:
     return check_messages(r[key], key, need_assistant=True)
 
 
-def _check_preference(r: dict[str, Any]) -> Problem | None:
+def _check_prompt(r: dict[str, Any]) -> Problem | None:
+    """A prompt: a string (one user turn) or a list of messages ending before the reply."""
     if "prompt" not in r:
         return Problem("missing field", "missing field 'prompt'")
-    prompt = r["prompt"]
-    if isinstance(prompt, list):
-        prompt_problem = check_messages(prompt, "prompt", need_assistant=False)
-    else:
-        prompt_problem = _text_field(r, "prompt")
-    return prompt_problem or _first(lambda: _text_field(r, "chosen"), lambda: _text_field(r, "rejected"))
+    if isinstance(r["prompt"], list):
+        return check_messages(r["prompt"], "prompt", need_assistant=False)
+    return _text_field(r, "prompt")
+
+
+def _check_preference(r: dict[str, Any]) -> Problem | None:
+    return _first(lambda: _check_prompt(r), lambda: _text_field(r, "chosen"), lambda: _text_field(r, "rejected"))
+
+
+def _check_ranking(r: dict[str, Any]) -> Problem | None:
+    """`responses`: two or more distinct strings, best first."""
+    problem = _check_prompt(r)
+    if problem is not None:
+        return problem
+    responses = r.get("responses")
+    if not isinstance(responses, list):
+        return Problem("wrong type", f"responses must be a list of strings (best first), got {type_name(responses)}")
+    if len(responses) < 2:
+        return Problem("too few responses", f"responses has {len(responses)} item(s); a ranking needs 2 or more")
+    for i, x in enumerate(responses):
+        if not isinstance(x, str) or not x.strip():
+            return Problem("wrong type", f"responses[{i}] must be a non-empty string, got {type_name(x)}")
+    if len(set(responses)) != len(responses):
+        return Problem("repeated response", "responses repeats a response: a ranking needs distinct responses")
+    return None
 
 
 def _check_classification(r: dict[str, Any]) -> Problem | None:
@@ -156,6 +182,8 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], Problem | None]] = {
     "instruction": _check_instruction,
     "chat": _check_chat,
     "preference": _check_preference,
+    "ranking": _check_ranking,
+    "prompt": _check_prompt,
     "classification": _check_classification,
 }
 

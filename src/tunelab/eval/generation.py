@@ -73,20 +73,36 @@ def greedy(
 
     `chat`: render string prompts as a user turn through the chat template (message lists always
     are); False continues raw text."""
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    stops = stop_token_ids(model, tokenizer)
+    rows = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True) for row in rows]
+
+
+def generate_ids(
+    model: nn.Module, tokenizer: Any, encoded: Sequence[list[int]], *, max_new_tokens: int, batch_size: int = 32,
+    temperature: float | None = None, top_k: int | None = None,
+) -> list[list[int]]:
+    """New token ids after each encoded prompt, in order, cut just AFTER the first stop token (kept).
+
+    Greedy unless `temperature` is given: then sampling from softmax(logits / temperature), over
+    the `top_k` most likely tokens when top_k is set (the torch RNG decides: seed it to repeat)."""
     stops = stop_token_ids(model, tokenizer)
     pad = pad_id(tokenizer)
-    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    replies: dict[int, str] = {}
+    sample = temperature is not None
+    out_rows: dict[int, list[int]] = {}
     with _eval_mode(model):
-        for batch in _batches(encoded, batch_size, same_length=_virtual_tokens_first(model)):
-            input_ids, mask = _left_pad([encoded[i] for i in batch], pad, _device(model))
+        for batch in _batches(list(encoded), batch_size, same_length=_virtual_tokens_first(model)):
+            input_ids, mask = _left_pad([list(encoded[i]) for i in batch], pad, _device(model))
             out = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad,
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
+                temperature=temperature, top_p=None, top_k=top_k if sample else None, eos_token_id=stops,
+                pad_token_id=pad,
             )  # (B, T + new)
             for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
-                replies[i] = tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True)
-    return [replies[i] for i in range(len(encoded))]
+                cut = _until_stop(row, stops)
+                out_rows[i] = row[: len(cut) + 1] if len(cut) < len(row) else cut
+    return [out_rows[i] for i in range(len(encoded))]
 
 
 def _virtual_tokens_first(model: nn.Module) -> bool:

@@ -168,6 +168,10 @@ def evaluate_records(
         # ---
         return _classification(records, score, labels)
     if kind == "preference":
+        from tunelab.eval.reward import is_reward_model, score_fn
+
+        if is_reward_model(model):  # a scalar reward head scores the replies (objective reward)
+            return {**_preference(records, score_fn(model, tokenizer, batch_size)), "scored_by": "reward head"}
         return _preference(records, score)
     examples = [Example(*_truncate(tokenize_text(tokenizer, r["text"]), max_length)) for r in records]
     return {"kind": "text", "n": len(records), **_loss(model, tokenizer, examples, batch_size, max_length)}

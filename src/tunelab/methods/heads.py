@@ -42,7 +42,9 @@ from tunelab.methods.registry import register_method
 
 class HeadConfig(MethodConfig):
     name: Literal["head"] = "head"
-    num_labels: int = Field(2, ge=2, description="classes (outputs of the head); default len(labels), else 2")
+    num_labels: int = Field(
+        2, ge=1, description="outputs of the head: classes (default len(labels), else 2), or 1 for a scalar reward "
+        "head (objective reward)")
     labels: list[str] | None = Field(
         None, description="names of the head's outputs in order, saved with the model; must match the data's "
         "label order (objective.labels, else the sorted training labels)",

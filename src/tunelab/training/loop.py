@@ -25,6 +25,7 @@ from tunelab.errors import EXIT_RESUMABLE
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.registry import RunContext
 from tunelab.training import checkpoint
 from tunelab.training.guards import NonFiniteGuard, StopSignal, is_oom, oom_error
 from tunelab.training.optim import build_optimizer, build_scheduler
@@ -68,6 +69,7 @@ class Loop:
     pad_id: int
     data_fingerprint: str
     reporter: Reporter
+    tokenizer: Any = None
     accelerator: Accelerator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,11 +82,14 @@ class Loop:
         )
         self.method = METHODS[self.cfg.method.name]
         self.objective = OBJECTIVES[self.cfg.objective.name]
-        self.stream = BatchStream(
+        self.runtime = self.objective.make_runtime(
+            RunContext(self.cfg, self.model, self.tokenizer, self.accelerator.device, self.reporter.say,
+                       self.train_data, self.pad_id))
+        self.stream = self.runtime.stream(BatchStream(
             self.train_data, batch_size=t.batch_size, packing=self.cfg.data.packing,
             max_length=self.cfg.data.max_length, seed=t.seed, pad_id=self.pad_id,
             rank=self.accelerator.process_index, world=self.accelerator.num_processes,
-        )
+        ))
         self.total_steps = self._total_steps()
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,6 +122,7 @@ class Loop:
             "step": self.step, "total_steps": self.total_steps, "data_cursor": self.stream.state(),
             "tokens_seen": self.tokens_seen, "skipped_steps": self.guard.skipped,
             "config_digest": self.cfg.digest(), "data_fingerprint": self.data_fingerprint,
+            "objective_state": self.runtime.state_dict(),
         }
 
     def save(self) -> Path | None:
@@ -136,13 +142,14 @@ class Loop:
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.guard.skipped = meta["skipped_steps"]
         self.stream.restore(meta["data_cursor"])
+        self.runtime.load_state_dict(meta.get("objective_state", {}))
 
     # ------------------------------------------------------------------ steps
 
     def _micro_loss(self, mb: MicroBatch, n_total: int, with_penalty: bool) -> tuple[float, float]:
         batch = {k: v.to(self.accelerator.device) for k, v in mb.tensors.items()}
         with self.accelerator.autocast():
-            loss_sum, _ = self.objective.loss(self.model, batch, self.cfg.objective)
+            loss_sum, _ = self.runtime.loss(self.model, batch)
         # DDP averages gradients over processes: scale so the result is sum / global tokens.
         scale = self.accelerator.num_processes / max(n_total, 1)
         loss = loss_sum * scale
@@ -180,7 +187,7 @@ class Loop:
         padded = sum(mb.tensors["input_ids"].numel() for mb in group)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_total, "tokens": n_tokens,
                 "padded_tokens": padded, "skipped": float(not applied), "batch": _digest(group),
-                **({"penalty": penalty} if penalty else {})}
+                **({"penalty": penalty} if penalty else {}), **self.runtime.stats()}
 
     def _guarded_step(self) -> dict[str, float]:
         try:
@@ -195,13 +202,17 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:
             return {}
+        own = self.runtime.evaluate(self.accelerator.unwrap_model(self.model), self.eval_data)
+        if own is not None:
+            self.model.train()
+            return {f"eval_{k}": v for k, v in own.items()}
         d = self.cfg.data
         out = evaluate_loss(
             self.accelerator.unwrap_model(self.model), self.eval_data, batch_size=self.cfg.train.batch_size,
             pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
-            loss=lambda model, batch: self.objective.loss(model, batch, self.cfg.objective),
+            loss=self.runtime.loss,
         )
-        return {f"eval_{k}": v for k, v in out.items()}
+        return {f"eval_{k}": v for k, v in {**out, **self.runtime.stats()}.items()}
 
     def run(self) -> TrainResult:
         t = self.cfg.train
@@ -234,6 +245,8 @@ class Loop:
         if final:
             self._log({"step": self.step, **final}, None)
         self.save()
+        if status == "completed":
+            self.runtime.finish(self.accelerator.unwrap_model(self.model), self.run_dir)
         self.accelerator.end_training()
         return TrainResult(self.run_dir, status, self.step, {**last_metrics, **final})
 

@@ -62,14 +62,21 @@ class BatchStream:
         self.epoch, self.index, self.samples = state["epoch"], state["index"], state["samples"]
         self._rows = self._epoch(self.epoch)
 
-    def _next_rows(self) -> list[list[int]]:
+    def _next_rows(self, count: int | None = None) -> list[list[int]]:
         if self.index >= len(self._rows):
             self.epoch, self.index = self.epoch + 1, 0
             self._rows = self._epoch(self.epoch)
-        rows = self._rows[self.index : self.index + self.batch_size]
+        rows = self._rows[self.index : self.index + (count or self.batch_size)]
         self.index += len(rows)
         self.samples += sum(len(r) for r in rows)
         return rows
+
+    def next_examples(self, n: int) -> list[Example]:
+        """The next `n` examples in stream order (unpacked rows), for recipes that sample from prompts (PPO)."""
+        out: list[Example] = []
+        while len(out) < n:
+            out += [self.examples[i] for row in self._next_rows(n - len(out)) for i in row]
+        return out
 
     def next_group(self, n: int) -> list[MicroBatch]:
         """The next `n` micro-batches of this process (the others' are consumed and dropped)."""
@@ -84,6 +91,8 @@ class BatchStream:
     def _collate(self, rows: list[list[int]]) -> MicroBatch:
         exs = [[self.examples[i] for i in row] for row in rows]
         tensors = collate(exs, pad_id=self.pad_id, packed=self.packing)
-        n_trained = int((tensors["labels"][:, 1:] != IGNORE).sum())
+        # preference pairs count once each (data/preference.py); everything else by trained tokens
+        n_pairs = tensors.get("n_pairs")
+        n_trained = int(n_pairs) if n_pairs is not None else int((tensors["labels"][:, 1:] != IGNORE).sum())
         n_real = sum(len(e.input_ids) for row in exs for e in row)
         return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained, n_real)

@@ -116,8 +116,10 @@ def make_world(seed: int = 0, n_people: int = 300, n_new_facts: int | None = Non
 
 
 def _unique_names(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """n distinct (first, last) pairs; each first and last name used as evenly as possible, so
-    that few people share a first name (a model can copy the wrong person's first name)."""
+    """n distinct (first, last) pairs; each first and last name used as evenly as possible. With
+    n <= len(FIRST_NAMES) (the default world) no two people share a first name: measured on a
+    world where 39 did, 81 of the base model's 100 held-out QA errors were the fact of another
+    person with the same first name (its QA circuit keys on the first name)."""
     first_names, last_names = vocab.FIRST_NAMES, vocab.LAST_NAMES
     if n > len(first_names) * len(last_names):
         raise ValueError(f"at most {len(first_names) * len(last_names)} people have distinct names")

@@ -66,10 +66,12 @@ def response(rng: random.Random, kind: str, answer: str, wrong: str) -> str:
 
 
 def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
-    """Pairs (`train`, `test`), K-wise rankings (`rankings-train`, `rankings-test`) and prompts for
-    RL (`prompts-train`, `prompts-test`). `prompt` is the user message (apply the chat template).
-    Each (person, relation) is used by one split only; *-train splits ask about qa-train people,
-    *-test splits about qa-test people."""
+    """Pairs (`train`, `test`), K-wise rankings (`rankings-train`, `rankings-test`), prompts for
+    RL (`prompts-train`, `prompts-test`) and `sft`: chat demonstrations of mixed quality (the
+    prompts of `train`, each answered by a response of a uniformly random kind), the starting
+    point that reward modelling + PPO or DPO then improve. `prompt` is the user message (apply
+    the chat template). Each (person, relation) is used by one split only (`sft` shares `train`'s);
+    *-train splits ask about qa-train people, *-test splits about qa-test people."""
     rng = rng_for(seed, "prefs")
     splits: dict[str, list[dict]] = {s: [] for s in _SHARES["train"]} | {s: [] for s in _SHARES["test"]}
     for people_split, shares in _SHARES.items():
@@ -79,6 +81,16 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
                 for rel in relations[:k]:
                     splits[split].append(_record(rng, world, person, rel, split))
                 relations = relations[k:]
+    sft_rng = rng_for(seed, "prefs-sft")
+    people = {p.name: p for p in world.people}
+    splits["sft"] = []
+    for r in splits["train"]:
+        person = people[r["person"]]
+        wrong = sft_rng.choice([v for v in world.values(r["relation"]) if v != r["answer"]])
+        reply = response(sft_rng, sft_rng.choice(RANKED_KINDS), r["answer"], wrong)
+        splits["sft"].append({"messages": [{"role": "user", "content": r["prompt"]},
+                                           {"role": "assistant", "content": reply}], "answer": r["answer"],
+                              "person": person.name, "relation": r["relation"]})
     return splits
 
 
@@ -91,7 +103,8 @@ _SHARES = {  # relations per person given to each split
 def _record(rng: random.Random, world: World, person: Person, relation: str, split: str) -> dict:
     answer = person.facts()[relation]
     wrong = rng.choice([v for v in world.values(relation) if v != answer])
-    record = {"prompt": qa_question(rng, person, relation), "answer": answer, "relation": relation}
+    record = {"prompt": qa_question(rng, person, relation), "answer": answer, "relation": relation,
+              "person": person.name}
     if split.startswith("prompts"):
         return record
     if split.startswith("rankings"):

@@ -26,6 +26,13 @@ Isolde Jamal Jorge Juno Kaspar Katja Keiko Kwame Leander Liesel Lionel Lotte Luc
 Margit Matilda Maximilian Mirela Nadim Naomi Nils Noemi Octavia Orla Osman Pablo Philippa Rasmus Reza
 Rocco Rowena Rufus Sabine Sancho Seraphina Sigrid Simone Stanislav Svea Tadeo Tilda Ugo Umberto Vesna
 Wilhelm Yannick Yuki Zoltan Zuri
+Abigail Alfonso Ambrose Anatole Annika Arlo Augustin Beatrix Benno Birgit Bodhi Brigid Carina
+Cassius Clemens Cordelia Corin Dafne Dominik Dorothea Elsie Emeric Evander Fabian Florian Frida
+Gregor Hedda Hilde Horatio Ismael Jolene Jurgen Kalani Konrad Larisa Leopold Lorna Ludmila Magda
+Marius Melina Mireille Nadir Nerys Norbert Odette Orsolya Pascal Perpetua Radomir Rainer Regina
+Roland Sabrina Severin Sienna Taddeo Theron Tomasz Ulrike Valeska Vivian Waltraud Yasmin Zelda
+Zoraida Agathe Bertrand Constance Dorian Eberhard Folke Gwendolyn Hartwig Ingo Jovana Kasimira
+Laszlo Mathis Nikolai Oona
 """.split()
 
 LAST_NAMES = """

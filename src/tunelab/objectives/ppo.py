@@ -1,0 +1,367 @@
+"""RLHF with PPO `ppo` (O05): classic InstructGPT-style RL from a reward model, on the one loop.
+
+Ziegler et al. 2019 (arXiv:1909.08593), Ouyang et al. 2022 (arXiv:2203.02155), PPO: Schulman et al.
+2017 (arXiv:1707.06347), GAE: Schulman et al. 2016 (arXiv:1506.02438). Pieces:
+- policy: the model being trained, with any method (full, LoRA, QLoRA, ...), plus a value head
+  (a linear layer on the policy's last hidden state, zero-initialised, trained with it; it is
+  checkpointed but not part of the exported model);
+- reference: frozen (objectives/frozen.py: the adapter-disabled policy for peft, no copy);
+- reward model: a scalar-head model trained with objective `reward` (`reward_model` path).
+
+One rollout: `rollout_prompts` prompts from data.train (`{"prompt"}` records, in the seeded order
+of the data stream) -> sampled replies (temperature, top_k, at most max_new_tokens, cut after the
+stop token) -> per-token rewards r_t = -kl_coef * KL_t (kl_estimator, policy vs reference at
+rollout) with the reward model's score (optionally whitened over the rollout) added at the last
+reply token -> values -> GAE advantages (whitened) and returns. Then `ppo_epochs` passes over
+the rollout in shuffled minibatches of train.batch_size replies; each minibatch is a micro-batch
+of the loop (one optimizer step per grad_accum minibatches): clipped policy loss + vf_coef x
+clipped value loss - entropy_coef x entropy, token-weighted. After each rollout the adaptive KL
+controller (kl_target set) moves kl_coef towards the target KL per reply.
+
+Logged per step (the rollout's numbers repeat until the next rollout): reward (mean score),
+kl (mean summed KL per reply), kl_coef, entropy, response_length, and per minibatch
+clip_fraction, approx_kl, value_loss, policy_loss. Evaluation (data.eval prompts): greedy replies
+of the policy and of the reference scored by the reward model: eval_reward, eval_reward_reference,
+eval_win_rate (ties count half). At the end, reward_curve.png in the run dir.
+
+Resume: a checkpoint keeps the policy, value head, optimizer, data cursor and kl_coef; a resumed
+run starts a fresh rollout (the interrupted rollout's remaining minibatches are not replayed).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tunelab.config import ObjectiveConfig
+from tunelab.data.types import IGNORE, Example
+from tunelab.errors import TunelabError
+from tunelab.eval.generation import generate_ids, stop_token_ids
+from tunelab.objectives.alignment_losses import (
+    AdaptiveKLController,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logps,
+)
+from tunelab.objectives.frozen import Reference, load_frozen, unwrap
+from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
+from tunelab.training.stream import MicroBatch
+
+VALUE_HEAD = "tunelab_value_head"
+
+
+class PPOConfig(ObjectiveConfig):
+    name: Literal["ppo"] = "ppo"
+    reward_model: str = Field(description="a reward model (objective reward run dir, or a scalar-head model)")
+    reference: str | None = Field(None, description="reference policy; default: adapter-disabled policy or a copy")
+    rollout_prompts: int = Field(64, gt=0, description="prompts per rollout")
+    max_new_tokens: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, gt=0, description="sample from the k most likely tokens (None: all)")
+    ppo_epochs: int = Field(2, gt=0, description="passes over each rollout")
+    clip: float = Field(0.2, gt=0.0, description="policy ratio clip")
+    value_clip: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    kl_coef: float = Field(0.05, ge=0.0, description="initial coefficient of the per-token KL penalty")
+    kl_target: float | None = Field(6.0, gt=0.0, description="target KL per reply (adaptive coefficient); None: fixed")
+    kl_horizon: int = Field(10000, gt=0, description="horizon of the adaptive KL controller (replies)")
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    whiten_rewards: bool = False
+    missing_stop_penalty: float | None = Field(None, description="added to the score of a reply that never stops")
+
+
+class ValueHead(nn.Module):
+    def __init__(self, hidden: int, like: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Linear(hidden, 1, device=like.device, dtype=torch.float32)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden.float()).squeeze(-1)  # (B, T)
+
+
+def read_prompts(data_cfg: Any) -> dict[str, Any]:
+    """`where` -> prompt of every record of data.train and data.eval (prompt records, validated later)."""
+    from tunelab.data.pipeline import read_records, split_path
+
+    out: dict[str, Any] = {}
+    for split, path in (("train", data_cfg.train), ("eval", data_cfg.eval)):
+        if path is not None:
+            out.update({w: r["prompt"] for w, r in read_records(split_path(data_cfg, split))
+                        if isinstance(r, dict) and "prompt" in r})
+    return out
+
+
+def policy_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, T, V), values (B, T)) for the batch's T tokens (virtual-token positions dropped)."""
+    t = batch["input_ids"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=True)
+    head = getattr(unwrap(model), VALUE_HEAD)
+    return out.logits[:, -t:], head(out.hidden_states[-1][:, -t:])
+
+
+def _ref_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    t = batch["input_ids"].shape[1]
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, -t:]
+
+
+def right_pad(rows: list[list[int]], n_query: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """Query+reply rows right-padded: input_ids, attention_mask, labels (IGNORE except reply tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (row, q) in enumerate(zip(rows, n_query, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, q : len(row)] = torch.tensor(row[q:])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class RolloutStream:
+    """The loop's stream for PPO: minibatches of the current rollout; a new rollout when used up."""
+
+    def __init__(self, runtime: PPORuntime, prompts: Any):
+        self.runtime, self.prompts = runtime, prompts
+        self.queue: list[MicroBatch] = []
+
+    def micro_batches_per_epoch(self) -> int:
+        cfg, b = self.runtime.cfg, self.runtime.batch_size
+        return cfg.ppo_epochs * -(-cfg.rollout_prompts // b)
+
+    def state(self) -> dict[str, Any]:
+        return self.prompts.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.prompts.restore(state)
+        self.queue = []
+
+    def next_group(self, n: int) -> list[MicroBatch]:
+        out = []
+        for _ in range(n):
+            if not self.queue:
+                self.queue = self.runtime.rollout(self.prompts.next_examples(self.runtime.cfg.rollout_prompts))
+            out.append(self.queue.pop(0))
+        return out
+
+
+class PPORuntime(Runtime):
+    def __init__(self, ctx: RunContext):
+        super().__init__(ppo, ctx.cfg.objective)
+        cfg: PPOConfig = ctx.cfg.objective
+        self.ctx, self.policy, self.tokenizer = ctx, ctx.model, ctx.tokenizer
+        self.batch_size = ctx.cfg.train.batch_size
+        self.seed = ctx.cfg.train.seed
+        self.reference = Reference(ctx.model, cfg.reference, ctx.device, ctx.tokenizer)
+        self.reward_model, self.rm_tokenizer = load_frozen(cfg.reward_model, ctx.device, "reward model")
+        from tunelab.eval.reward import is_reward_model
+
+        if not is_reward_model(self.reward_model):
+            raise TunelabError(f"{cfg.reward_model}: not a reward model (a scalar head)",
+                               fix="train one with objective reward and method head (num_labels: 1)")
+        hidden = unwrap(ctx.model).get_input_embeddings().weight
+        setattr(unwrap(ctx.model), VALUE_HEAD, ValueHead(hidden.shape[1], hidden))
+        self.kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.prompts = read_prompts(ctx.cfg.data)
+        self.sums = StatSums()
+        self.rollout_stats: dict[str, float] = {}
+        self.n_rollouts = 0
+        self.history: list[dict[str, float]] = []
+        ctx.say(f"ppo: reference = {self.reference.kind}; reward model {cfg.reward_model}; "
+                f"{cfg.rollout_prompts} prompts per rollout x {cfg.ppo_epochs} epochs")
+
+    # -------------------------------------------------------------- the loop's hooks
+
+    def stream(self, default: Any) -> RolloutStream:
+        return RolloutStream(self, default)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl": self.kl.state_dict(), "n_rollouts": self.n_rollouts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.kl.load_state_dict(state["kl"])
+            self.n_rollouts = state["n_rollouts"]
+
+    def stats(self) -> dict[str, float]:
+        return {**self.rollout_stats, **self.sums.take()}
+
+    # -------------------------------------------------------------- rollouts
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[Example]) -> list[MicroBatch]:
+        cfg: PPOConfig = self.cfg
+        device = self.ctx.device
+        torch.manual_seed(self.seed * 1_000_003 + self.n_rollouts)
+        queries = [list(p.input_ids) for p in prompts]
+        replies = generate_ids(unwrap(self.policy), self.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=len(queries), temperature=cfg.temperature, top_k=cfg.top_k)
+        replies = [r if r else [stop_token_ids(unwrap(self.policy), self.tokenizer)[0]] for r in replies]
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+        scores = self._rm_scores(prompts, texts)  # (N,)
+        stops = set(stop_token_ids(unwrap(self.policy), self.tokenizer))
+        if cfg.missing_stop_penalty is not None:
+            scores = scores + torch.tensor([0.0 if r[-1] in stops else cfg.missing_stop_penalty for r in replies])
+        batch = right_pad([q + r for q, r in zip(queries, replies, strict=True)], [len(q) for q in queries],
+                          _pad(self.tokenizer))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        was_training = self.policy.training
+        self.policy.eval()
+        logits, values = policy_forward(self.policy, batch)
+        self.policy.train(was_training)
+        logp, mask = token_logps(logits, batch["labels"])  # (N, T-1): position t-1 predicts token t
+        ref_logp, _ = token_logps(self.reference.forward(self.policy, _ref_logits, batch), batch["labels"])
+        values = values[:, :-1] * mask  # value before each reply token
+        maskf = mask.float()
+        kl = kl_per_token(logp, ref_logp, cfg.kl_estimator) * maskf  # (N, T-1)
+        score = masked_whiten(scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=False) \
+            if cfg.whiten_rewards else scores
+        rewards = -self.kl.coef * kl
+        last = mask.long().cumsum(-1).argmax(-1)  # index of the last reply token per row
+        rewards[torch.arange(len(replies)), last] += score.to(device)
+        adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        adv = masked_whiten(adv, mask)
+        kl_per_reply = float(kl.sum(-1).mean())
+        entropy = float(masked_mean(entropy_from_logits(logits[:, :-1].float()), mask))
+        self.rollout_stats = {"reward": float(scores.mean()), "kl": kl_per_reply, "kl_coef": self.kl.coef,
+                              "entropy": entropy, "response_length": float(maskf.sum(-1).mean()),
+                              "rollout": float(self.n_rollouts)}
+        self.history.append({"rollout": self.n_rollouts, "reward": float(scores.mean()), "kl": kl_per_reply})
+        self.kl.update(kl_per_reply, len(replies))
+        self.n_rollouts += 1
+        data = {**{k: v.cpu() for k, v in batch.items()}, "old_logp": logp.cpu(), "old_values": values.cpu(),
+                "advantages": adv.cpu(), "returns": returns.cpu(), "reply_mask": mask.cpu()}
+        return self._minibatches(data, [p.where for p in prompts])
+
+    def _rm_scores(self, prompts: list[Example], texts: list[str]) -> torch.Tensor:
+        from tunelab.eval.reward import rewards_of
+
+        items = [(self._prompt_of(p), t) for p, t in zip(prompts, texts, strict=True)]
+        return torch.tensor(rewards_of(self.reward_model, self.rm_tokenizer, items))
+
+    def _prompt_of(self, example: Example) -> Any:
+        """The prompt of an example, from its record (the reward model renders prompt + reply itself)."""
+        return self.prompts[example.where]
+
+    def _minibatches(self, data: dict[str, torch.Tensor], where: list[str]) -> list[MicroBatch]:
+        """`ppo_epochs` shuffled passes over the rollout in minibatches of train.batch_size replies."""
+        n, width_all = data["input_ids"].shape
+        rng = random.Random(f"{self.seed}/ppo/{self.n_rollouts}")
+        out = []
+        for _ in range(self.cfg.ppo_epochs):
+            order = list(range(n))
+            rng.shuffle(order)
+            for s in range(0, n, self.batch_size):
+                idx = order[s : s + self.batch_size]
+                width = int(data["attention_mask"][idx].sum(-1).max())  # drop all-padding columns
+                t = {k: v[idx][:, : width if v.shape[1] == width_all else width - 1] for k, v in data.items()}
+                out.append(MicroBatch(t, [where[i] for i in idx], int(t["reply_mask"].sum()),
+                                      int(t["attention_mask"].sum())))
+        return out
+
+    # -------------------------------------------------------------- the loss
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "advantages" not in batch:
+            raise TunelabError("objective ppo trains on its own rollouts; this batch is not one",
+                               fix="evaluate a PPO run with `tunelab eval` on prompts")
+        cfg: PPOConfig = self.cfg
+        logits, values = policy_forward(model, batch)
+        logp, _ = token_logps(logits, batch["labels"])
+        mask = batch["reply_mask"]
+        pg, pg_stats = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip=cfg.clip)
+        vf, vf_clip = ppo_value_loss(values[:, :-1], batch["old_values"], batch["returns"], mask,
+                                     clip=cfg.value_clip)
+        total = pg + cfg.vf_coef * vf
+        if cfg.entropy_coef:
+            total = total - cfg.entropy_coef * masked_mean(entropy_from_logits(logits[:, :-1].float()), mask)
+        n = mask.sum()
+        k = float(n)
+        for name, value in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", pg_stats["clip_fraction"]),
+                            ("approx_kl", pg_stats["approx_kl"]), ("value_clip_fraction", vf_clip)):
+            self.sums.add(name, float(value.detach()) * k, k)
+        return total * n, n
+
+    # -------------------------------------------------------------- evaluation and the end
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: list[Example]) -> dict[str, float]:
+        queries = [list(e.input_ids) for e in examples]
+        max_new = self.cfg.max_new_tokens
+        mine = generate_ids(unwrap(model), self.tokenizer, queries, max_new_tokens=max_new)
+        ref = self.reference.forward(model, lambda m: generate_ids(m, self.tokenizer, queries, max_new_tokens=max_new))
+        texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in rows] for rows in (mine, ref)]
+        r_mine, r_ref = (self._rm_scores(examples, t) for t in texts)
+        wins = (r_mine > r_ref).float() + 0.5 * (r_mine == r_ref).float()
+        return {"reward": float(r_mine.mean()), "reward_reference": float(r_ref.mean()),
+                "win_rate": float(wins.mean())}
+
+    def finish(self, model: nn.Module, run_dir: Path) -> None:
+        """Detach the value head (not part of the exported policy) and draw the reward curve."""
+        if hasattr(unwrap(model), VALUE_HEAD):
+            delattr(unwrap(model), VALUE_HEAD)
+        (run_dir / "rollouts.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history),
+                                                encoding="utf-8")
+        plot_reward_curve(run_dir, self.ctx.say)
+
+
+def plot_reward_curve(run_dir: Path, say: Any = print) -> Path | None:
+    """reward_curve.png from the run's metrics.jsonl (reward and KL per step; eval reward)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("ppo: matplotlib is not installed; no reward_curve.png (pip install matplotlib)")
+        return None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    train = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "eval_reward" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="rollout reward (sampled)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out reward (greedy)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in train], [r["kl"] for r in train], color="grey", alpha=0.5, label="KL per reply")
+    ax2.set_ylabel("KL to reference")
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    out = run_dir / "reward_curve.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _pad(tokenizer: Any) -> int:
+    from tunelab.eval.generation import pad_id
+
+    return pad_id(tokenizer)
+
+
+def ppo(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    raise TunelabError("ppo needs its runtime (rollouts, reference, reward model): train it through tunelab.train")
+
+
+register_objective(
+    "ppo", PPOConfig, formats=("prompt",), mask_prompt=True, runtime=PPORuntime,
+    summary="RLHF with PPO: rollouts, KL-penalised reward-model score, GAE, clipped policy and value losses",
+)(ppo)
