@@ -174,7 +174,7 @@ def test_other_splits_are_disjoint(suites):
         assert not _user_texts(d, "skills", f"{skill}-train") & _user_texts(d, "skills", f"{skill}-test")
     train_tasks, test_tasks = ({r["task"] for r in read(d, "meta", s)} for s in ("train", "test"))
     assert not train_tasks & test_tasks
-    prompts = [r["prompt"] for s in SPLITS["prefs"] if s != "sft" for r in read(d, "prefs", s)]
+    prompts = [r["prompt"] for s in SPLITS["prefs"] if s not in ("sft", "rm-train") for r in read(d, "prefs", s)]
     assert len(set(prompts)) == len(prompts)
     # sft demonstrates answers to the prompts of the train pairs only, with every kind of response
     sft = read(d, "prefs", "sft")

@@ -40,6 +40,7 @@ from tunelab.training import checkpoint
 from tunelab.training.loop import Loop, TrainResult
 from tunelab.training.progress import Reporter
 from tunelab.training.state import read_meta, seed_everything
+from tunelab.world.resolve import is_tinyworld, resolve_task
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUME_SAFE = {
@@ -253,6 +254,20 @@ def generate(
         eos_token_id=stop_token_ids(model, tok),
     )
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def score(model_path: str | Path, data: str, *, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Rewards of a reward model (objective `reward`) for the replies in `data`; see eval/reward.py."""
+    from tunelab.data.sources import read_records
+    from tunelab.eval.reward import is_reward_model, score_records
+
+    model, tokenizer = load(model_path)
+    if not is_reward_model(model):
+        raise TunelabError(f"{model_path}: not a reward model (a scalar head)",
+                           fix="train one with objective.name=reward and method.name=head, method.num_labels=1")
+    path = str(resolve_task(data)) if is_tinyworld(data) else data
+    records = list(read_records(path))[:limit]
+    return score_records(model, tokenizer, records, batch_size=batch_size)
 
 
 def export(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:

@@ -93,6 +93,28 @@ def generate(
 
 
 @app.command()
+def score(
+    model: str = typer.Argument(..., help="reward model: run dir of objective reward, or a scalar-head model"),
+    data: str = typer.Option(..., "--data", help='jsonl/json/csv/parquet of {"prompt", "response"}, '
+                             '{"prompt", "chosen", "rejected"} or {"prompt", "responses": [best, ..., worst]}'),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="score the first N records"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object: records, pairs, accuracy"),
+) -> None:
+    """Print a reward model's rewards for replies; ranked records also give pairwise accuracy."""
+    from tunelab import api
+
+    out = api.score(model, data, limit=limit, batch_size=batch_size)
+    if as_json:
+        _print_json(out)
+        return
+    for r in out["records"]:
+        typer.echo(json.dumps(r, sort_keys=True))
+    if out["accuracy"] is not None:
+        typer.echo(f"pairwise accuracy {out['accuracy']:.3f} over {out['pairs']} pairs", err=True)
+
+
+@app.command()
 def export(
     run: str = typer.Argument(..., help="run dir (or adapter dir)"),
     out: str = typer.Option(..., "--out"),

@@ -28,6 +28,9 @@ class ModelConfig(Section):
     allow_pickle: bool = Field(False, description="load .bin/.pt weights (runs pickle code: trust the source)")
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager"] | None = "sdpa"
+    keep_layers: list[int] | None = Field(
+        None, description="keep only these decoder layers (0-based, in order): a smaller student initialised from "
+        "the model's own layers, as DistilBERT does; use with method full (the saved model has the kept layers only)")
 
 
 class DataConfig(Section):

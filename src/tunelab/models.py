@@ -101,6 +101,43 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, training: bool = Tr
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise TunelabError(f"cannot load a model from {path}: {e}", fix="check model.name_or_path") from None
+    if cfg.keep_layers is not None:
+        keep_layers(model, cfg.keep_layers)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of a causal LM's decoder blocks (Llama-like `model.layers`, GPT-2 `transformer.h`,
+    GPT-NeoX `gpt_neox.layers`)."""
+    body = getattr(model, "base_model", model)
+    for name in ("layers", "h"):
+        blocks = getattr(body, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise TunelabError(f"{type(model).__name__}: cannot find its decoder layers",
+                       fix="keep_layers supports models with model.layers / transformer.h / gpt_neox.layers")
+
+
+def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """Drop every decoder layer not in `keep` (in place); config and per-layer indices follow."""
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < n for i in keep) or keep != sorted(keep):
+        raise TunelabError(f"model.keep_layers {keep}: give distinct increasing layer indices in 0..{n - 1}",
+                           fix=f"e.g. model.keep_layers=[0,{n - 1}]")
+    kept = nn.ModuleList(blocks[i] for i in keep)
+    for new_idx, block in enumerate(kept):
+        for mod in block.modules():  # attention modules index the KV cache by layer
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    body = getattr(model, "base_model", model)
+    setattr(body, "layers" if hasattr(body, "layers") else "h", kept)
+    cfg = model.config
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, len(keep))
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
     return model
 
 

@@ -142,7 +142,10 @@ def _check_prompt(r: dict[str, Any]) -> Problem | None:
 
 
 def _check_preference(r: dict[str, Any]) -> Problem | None:
-    return _first(lambda: _check_prompt(r), lambda: _text_field(r, "chosen"), lambda: _text_field(r, "rejected"))
+    problem = _first(lambda: _check_prompt(r), lambda: _text_field(r, "chosen"), lambda: _text_field(r, "rejected"))
+    if problem is None and r["chosen"] == r["rejected"]:
+        return Problem("repeated response", "chosen and rejected are the same reply: the pair prefers nothing")
+    return problem
 
 
 def _check_ranking(r: dict[str, Any]) -> Problem | None:

@@ -90,3 +90,17 @@ def score_records(
         out.append({"prompt": r["prompt"], **({key: [scores[x] for x in replies]} if key else
                                               {"chosen": scores[r["chosen"]], "rejected": scores[r["rejected"]]})})
     return {"records": out, "pairs": pairs, "accuracy": wins / pairs if pairs else None}
+
+
+def judge(
+    reward_model: nn.Module, rm_tokenizer: Any, prompts: Sequence[Prompt], replies: Sequence[str],
+    baseline: Sequence[str], *, batch_size: int = 32,
+) -> dict[str, float]:
+    """Mean reward of `replies` and of `baseline` (replies of another model to the same prompts),
+    and the win rate of `replies` over `baseline` (a tie counts half), by the reward model."""
+    n = len(prompts)
+    scores = rewards_of(reward_model, rm_tokenizer, list(zip([*prompts, *prompts], [*replies, *baseline], strict=True)),
+                        batch_size=batch_size)
+    mine, theirs = scores[:n], scores[n:]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, theirs, strict=True))
+    return {"reward": sum(mine) / n, "reward_baseline": sum(theirs) / n, "win_rate": wins / n}

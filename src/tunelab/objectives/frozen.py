@@ -53,6 +53,7 @@ class Reference:
 
     def __init__(self, policy: nn.Module, path: str | None, device: torch.device, tokenizer: Any = None):
         self.model: nn.Module | None = None
+        self.released = False
         self.kind = "adapter-disabled policy"
         if path is not None:
             self.model, ref_tok = load_frozen(path, device, "reference model")
@@ -79,9 +80,14 @@ class Reference:
     @torch.no_grad()
     def forward(self, policy: nn.Module, fn: Any, *args: Any) -> Any:
         """`fn(reference_model, *args)` with the reference in place of the policy."""
+        if self.released:
+            raise TunelabError("the reference model was dropped after precomputing the training pairs' log-probs "
+                               "(precompute_reference), so it cannot score other pairs",
+                               fix="set objective.precompute_reference=false to evaluate on other data")
         with self._as_reference(policy) as ref:
             return fn(ref, *args)
 
     def release(self) -> None:
-        """Drop a held copy (after precomputing what was needed from it)."""
-        self.model = None
+        """Drop a held copy (after precomputing what was needed from it); the adapter-disabled policy stays."""
+        if self.model is not None:
+            self.model, self.released = None, True

@@ -302,15 +302,16 @@ class PPORuntime(Runtime):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: list[Example]) -> dict[str, float]:
-        queries = [list(e.input_ids) for e in examples]
-        max_new = self.cfg.max_new_tokens
-        mine = generate_ids(unwrap(model), self.tokenizer, queries, max_new_tokens=max_new)
-        ref = self.reference.forward(model, lambda m: generate_ids(m, self.tokenizer, queries, max_new_tokens=max_new))
-        texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in rows] for rows in (mine, ref)]
-        r_mine, r_ref = (self._rm_scores(examples, t) for t in texts)
-        wins = (r_mine > r_ref).float() + 0.5 * (r_mine == r_ref).float()
-        return {"reward": float(r_mine.mean()), "reward_reference": float(r_ref.mean()),
-                "win_rate": float(wins.mean())}
+        """Greedy replies of the policy and of the reference to the eval prompts, judged by the reward model."""
+        from tunelab.eval.generation import greedy
+        from tunelab.eval.reward import judge
+
+        prompts = [self._prompt_of(e) for e in examples]
+        n = self.cfg.max_new_tokens
+        mine = greedy(unwrap(model), self.tokenizer, prompts, max_new_tokens=n, chat=True)
+        ref = self.reference.forward(model, lambda m: greedy(m, self.tokenizer, prompts, max_new_tokens=n, chat=True))
+        out = judge(self.reward_model, self.rm_tokenizer, prompts, mine, ref)
+        return {"reward": out["reward"], "reward_reference": out["reward_baseline"], "win_rate": out["win_rate"]}
 
     def finish(self, model: nn.Module, run_dir: Path) -> None:
         """Detach the value head (not part of the exported policy) and draw the reward curve."""

@@ -177,12 +177,7 @@ class DPORuntime(Runtime):
         b = batch["input_ids"].shape[0] // 2
         try:
             pairs = [self.cache[(_row_key(batch, i), _row_key(batch, b + i))] for i in range(b)]
-        except KeyError:  # not a training pair (e.g. evaluation data) and the reference was dropped
-            if self.reference.model is None and self.cfg.reference is None and not hasattr(
-                    getattr(model, "module", model), "disable_adapter"):
-                raise TunelabError("dpo: a pair outside the training set needs the reference model, which "
-                                   "precompute_reference dropped", fix="set objective.precompute_reference=false "
-                                   "to evaluate on other data") from None
+        except KeyError:  # not a training pair (e.g. evaluation data): the reference scores it, if still held
             return self.reference.forward(model, pair_logps, batch, self._mean)
         t = torch.tensor(pairs, device=batch["input_ids"].device)  # (B, 2)
         return t[:, 0], t[:, 1]

@@ -94,5 +94,6 @@ class BatchStream:
         # preference pairs count once each (data/preference.py); everything else by trained tokens
         n_pairs = tensors.get("n_pairs")
         n_trained = int(n_pairs) if n_pairs is not None else int((tensors["labels"][:, 1:] != IGNORE).sum())
-        n_real = sum(len(e.input_ids) for row in exs for e in row)
+        n_real = int(tensors["attention_mask"].sum()) if n_pairs is not None else sum(
+            len(e.input_ids) for row in exs for e in row)
         return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained, n_real)

@@ -69,7 +69,9 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
     """Pairs (`train`, `test`), K-wise rankings (`rankings-train`, `rankings-test`), prompts for
     RL (`prompts-train`, `prompts-test`) and `sft`: chat demonstrations of mixed quality (the
     prompts of `train`, each answered by a response of a uniformly random kind), the starting
-    point that reward modelling + PPO or DPO then improve. `prompt` is the user message (apply
+    point that reward modelling + PPO or DPO then improve; and `rm-train`: a 5-way ranking for
+    every prompt of `train` and `rankings-train` (4 relations of every train person: what a reward
+    model needs to learn to check facts, not only tone). `prompt` is the user message (apply
     the chat template). Each (person, relation) is used by one split only (`sft` shares `train`'s);
     *-train splits ask about qa-train people, *-test splits about qa-test people."""
     rng = rng_for(seed, "prefs")
@@ -83,11 +85,15 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
                 relations = relations[k:]
     sft_rng = rng_for(seed, "prefs-sft")
     people = {p.name: p for p in world.people}
+    splits["rm-train"] = [
+        {k: r[k] for k in ("prompt", "answer", "relation", "person")}
+        | {"responses": [response(sft_rng, kind, r["answer"], _wrong(sft_rng, world, r)) for kind in RANKED_KINDS]}
+        for r in splits["train"] + splits["rankings-train"]
+    ]
     splits["sft"] = []
     for r in splits["train"]:
         person = people[r["person"]]
-        wrong = sft_rng.choice([v for v in world.values(r["relation"]) if v != r["answer"]])
-        reply = response(sft_rng, sft_rng.choice(RANKED_KINDS), r["answer"], wrong)
+        reply = response(sft_rng, sft_rng.choice(RANKED_KINDS), r["answer"], _wrong(sft_rng, world, r))
         splits["sft"].append({"messages": [{"role": "user", "content": r["prompt"]},
                                            {"role": "assistant", "content": reply}], "answer": r["answer"],
                               "person": person.name, "relation": r["relation"]})
@@ -98,6 +104,10 @@ _SHARES = {  # relations per person given to each split
     "train": {"train": 3, "rankings-train": 1, "prompts-train": 2},
     "test": {"test": 2, "rankings-test": 1, "prompts-test": 3},
 }
+
+
+def _wrong(rng: random.Random, world: World, record: dict) -> str:
+    return rng.choice([v for v in world.values(record["relation"]) if v != record["answer"]])
 
 
 def _record(rng: random.Random, world: World, person: Person, relation: str, split: str) -> dict:
