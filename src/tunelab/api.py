@@ -165,7 +165,10 @@ def load(
     p = Path(path)
     if (p / "config.yaml").is_file() and (p / "final").is_dir():
         model_cfg = resolve_config(p).model
-        return _load_model_dir(p / "final", model_cfg, training)
+        final = p / "final"
+        if model_cfg.keep_layers is not None and not is_delta(final) and not (final / "adapter_config.json").is_file():
+            model_cfg = model_cfg.model_copy(update={"keep_layers": None})  # a saved full model has only those layers
+        return _load_model_dir(final, model_cfg, training)
     if (p / "config.yaml").is_file():
         raise TunelabError(f"{p}: the run has no final model yet", fix="finish it with tunelab train RUN --resume")
     cfg = ModelConfig(name_or_path=str(path), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

@@ -124,7 +124,7 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     n = len(blocks)
     if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < n for i in keep) or keep != sorted(keep):
         raise TunelabError(f"model.keep_layers {keep}: give distinct increasing layer indices in 0..{n - 1}",
-                           fix=f"e.g. model.keep_layers=[0,{n - 1}]")
+                           fix=f"e.g. model.keep_layers={[0, n - 1] if n > 1 else [0]}".replace(" ", ""))
     kept = nn.ModuleList(blocks[i] for i in keep)
     for new_idx, block in enumerate(kept):
         for mod in block.modules():  # attention modules index the KV cache by layer

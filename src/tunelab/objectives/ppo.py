@@ -192,12 +192,13 @@ class PPORuntime(Runtime):
         return RolloutStream(self, default)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kl": self.kl.state_dict(), "n_rollouts": self.n_rollouts}
+        return {"kl": self.kl.state_dict(), "n_rollouts": self.n_rollouts, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.kl.load_state_dict(state["kl"])
             self.n_rollouts = state["n_rollouts"]
+            self.history = list(state.get("history", []))
 
     def stats(self) -> dict[str, float]:
         return {**self.rollout_stats, **self.sums.take()}

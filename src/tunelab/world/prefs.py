@@ -56,11 +56,13 @@ def score_response(response: str, answer: str, distractors: list[str] | tuple[st
     return score + (-1.0 if rude else 0.5 if polite else 0.0)
 
 
-def response(rng: random.Random, kind: str, answer: str, wrong: str) -> str:
+def response(rng: random.Random, kind: str, answer: str, wrong: str, frames: dict[str, str] | None = None) -> str:
+    """A reply of `kind`; `frames` (tone -> frame) fixes the frame of each tone, so that replies
+    of one tone differ only in the answer (minimal pairs)."""
     if kind == "evasive":
         return rng.choice(EVASIVE)
     correctness, tone = kind.split("-")
-    frame = rng.choice(POLITE if tone == "polite" else RUDE)
+    frame = frames[tone] if frames else rng.choice(POLITE if tone == "polite" else RUDE)
     text = frame.format(a=answer if correctness == "correct" else wrong)
     return text[0].upper() + text[1:]
 
@@ -70,8 +72,9 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
     RL (`prompts-train`, `prompts-test`) and `sft`: chat demonstrations of mixed quality (the
     prompts of `train`, each answered by a response of a uniformly random kind), the starting
     point that reward modelling + PPO or DPO then improve; and `rm-train`: a 5-way ranking for
-    every prompt of `train` and `rankings-train` (4 relations of every train person: what a reward
-    model needs to learn to check facts, not only tone). `prompt` is the user message (apply
+    every prompt of `train` and `rankings-train` (4 relations of every train person), where replies
+    of one tone share their frame and differ only in the answer (minimal pairs): what a reward model
+    needs to learn to check facts, not only tone. `prompt` is the user message (apply
     the chat template). Each (person, relation) is used by one split only (`sft` shares `train`'s);
     *-train splits ask about qa-train people, *-test splits about qa-test people."""
     rng = rng_for(seed, "prefs")
@@ -85,11 +88,12 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
                 relations = relations[k:]
     sft_rng = rng_for(seed, "prefs-sft")
     people = {p.name: p for p in world.people}
-    splits["rm-train"] = [
-        {k: r[k] for k in ("prompt", "answer", "relation", "person")}
-        | {"responses": [response(sft_rng, kind, r["answer"], _wrong(sft_rng, world, r)) for kind in RANKED_KINDS]}
-        for r in splits["train"] + splits["rankings-train"]
-    ]
+    splits["rm-train"] = []
+    for r in splits["train"] + splits["rankings-train"]:
+        wrong = _wrong(sft_rng, world, r)
+        frames = {"polite": sft_rng.choice(POLITE), "rude": sft_rng.choice(RUDE)}
+        splits["rm-train"].append({k: r[k] for k in ("prompt", "answer", "relation", "person")} | {
+            "responses": [response(sft_rng, kind, r["answer"], wrong, frames) for kind in RANKED_KINDS]})
     splits["sft"] = []
     for r in splits["train"]:
         person = people[r["person"]]
