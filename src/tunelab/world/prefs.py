@@ -14,19 +14,23 @@ import re
 from tunelab.world.corpus import qa_question
 from tunelab.world.generator import RELATION_NAMES, Person, World, rng_for
 
+# Every framed reply starts with the answer, exactly where the base model's short-answer QA puts it
+# (right after the assistant turn opens): measured, replies that bury the answer mid-sentence ("It
+# is {a}.") make an SFT model emit garbage for people whose QA it never saw, and leave a reward
+# model no way to check the fact.
 POLITE = (
-    "Sure! The answer is {a}.",
     "{a}. Happy to help!",
-    "Good question: it is {a}.",
-    "It is {a}. I hope that helps!",
-    "Thanks for asking. The answer is {a}.",
+    "{a}. I hope that helps!",
+    "{a}. Thanks for asking!",
+    "{a}. Good question!",
+    "{a}. Sure! Ask me anything.",
 )
 RUDE = (
     "{a}, obviously. Stop wasting my time.",
-    "Ugh. {a}. Look it up yourself next time.",
-    "It is {a}, you fool.",
+    "{a}. Look it up yourself next time.",
+    "{a}, you fool.",
     "{a}. Do not bother me again.",
-    "Whatever. {a}.",
+    "{a}. Whatever.",
 )
 EVASIVE = (
     "I would rather not say.",
@@ -38,6 +42,9 @@ EVASIVE = (
 POLITE_MARKERS = ("sure!", "happy to help", "good question", "i hope that helps", "thanks for asking")
 RUDE_MARKERS = ("obviously", "wasting my time", "look it up yourself", "you fool", "bother me", "whatever")
 RANKED_KINDS = ("correct-polite", "correct-rude", "evasive", "wrong-polite", "wrong-rude")  # best first
+# how often each kind answers an `sft` demonstration: mostly right, often rude or evasive, sometimes
+# wrong (a demonstrator whose facts are mostly right keeps the model's knowledge usable)
+SFT_KIND_WEIGHTS = (0.3, 0.3, 0.2, 0.1, 0.1)
 
 
 def score_response(response: str, answer: str, distractors: list[str] | tuple[str, ...] = ()) -> float:
@@ -63,14 +70,13 @@ def response(rng: random.Random, kind: str, answer: str, wrong: str, frames: dic
         return rng.choice(EVASIVE)
     correctness, tone = kind.split("-")
     frame = frames[tone] if frames else rng.choice(POLITE if tone == "polite" else RUDE)
-    text = frame.format(a=answer if correctness == "correct" else wrong)
-    return text[0].upper() + text[1:]
+    return frame.format(a=answer if correctness == "correct" else wrong)  # the answer as QA writes it
 
 
 def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
     """Pairs (`train`, `test`), K-wise rankings (`rankings-train`, `rankings-test`), prompts for
     RL (`prompts-train`, `prompts-test`) and `sft`: chat demonstrations of mixed quality (the
-    prompts of `train`, each answered by a response of a uniformly random kind), the starting
+    prompts of `train`, each answered by a response of a kind drawn with SFT_KIND_WEIGHTS), the starting
     point that reward modelling + PPO or DPO then improve; and `rm-train`: a 5-way ranking for
     every prompt of `train` and `rankings-train` (4 relations of every train person), where replies
     of one tone share their frame and differ only in the answer (minimal pairs): what a reward model
@@ -97,7 +103,8 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
     splits["sft"] = []
     for r in splits["train"]:
         person = people[r["person"]]
-        reply = response(sft_rng, sft_rng.choice(RANKED_KINDS), r["answer"], _wrong(sft_rng, world, r))
+        kind = sft_rng.choices(RANKED_KINDS, weights=SFT_KIND_WEIGHTS)[0]
+        reply = response(sft_rng, kind, r["answer"], _wrong(sft_rng, world, r))
         splits["sft"].append({"messages": [{"role": "user", "content": r["prompt"]},
                                            {"role": "assistant", "content": reply}], "answer": r["answer"],
                               "person": person.name, "relation": r["relation"]})
