@@ -1,10 +1,13 @@
 """Every method on the embedded base, same task, same budget: the table of docs/results/methods.md.
 
-    python bench/methods.py [--steps 300] [--only lora,bitfit] [--out docs/results/methods.json]
+    python bench/methods.py [--steps 300] [--eval-every 25] [--only lora,bitfit] [--out docs/results/methods.json]
 
 Each method trains from its `configs/<name>.yaml` (tunelab-tiny, tinyworld:qa; sentiment for the
 head methods) for `--steps` optimizer steps in a child process, so its peak memory (max RSS) and
-wall time are its own; then the run is evaluated on the held-out split with the forgetting probe.
+wall time are its own, evaluating on the config's validation split every `--eval-every` steps and
+keeping the weights of the lowest validation loss (`train.select_best`: the base already answers
+most held-out questions, so a method must not be judged at the point where it has overfitted);
+then the run is evaluated on the held-out test split with the forgetting probe.
 Prints a markdown table and writes JSON (and the markdown next to it).
 """
 
@@ -62,10 +65,11 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
     return proc, wall, (peaks[-1] * 1024 if peaks else 0)
 
 
-def measure(name: str, cfg: str, task: tuple[str, str], steps: int, runs: Path) -> dict:
+def measure(name: str, cfg: str, task: tuple[str, str], steps: int, runs: Path, eval_every: int) -> dict:
     run_dir = runs / name.split(" ")[0]
-    train, wall, peak = run(["train", str(ROOT / "configs" / cfg), f"train.max_steps={steps}",
-                                    f"output.dir={run_dir}", "--overwrite", "-q"])
+    select = [f"train.eval_every={eval_every}", "train.select_best=true"] if eval_every else []
+    train, wall, peak = run(["train", str(ROOT / "configs" / cfg), f"train.max_steps={steps}", *select,
+                             f"output.dir={run_dir}", "--overwrite", "-q"])
     if train.returncode != 0:
         return {"method": name, "error": train.stderr.strip().splitlines()[-1:]}
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -75,6 +79,7 @@ def measure(name: str, cfg: str, task: tuple[str, str], steps: int, runs: Path) 
     forget = metrics.get("forgetting", {})
     return {
         "method": name, "config": f"configs/{cfg}", "steps": summary["steps"],
+        "best_step": summary.get("best_step"),
         "trainable": summary["trainable"], "total": summary["total"],
         "trainable_pct": 100 * summary["trainable"] / summary["total"],
         "train_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20),
@@ -94,23 +99,29 @@ def markdown(rows: list[dict], base: dict[str, float], args: argparse.Namespace)
     lines = [
         f"Base model before tuning: {QA[0]} exact match {base[QA[0]]:.3f}; "
         f"{SENTIMENT[0]} accuracy {base[SENTIMENT[0]]:.3f} (label log-likelihood).", "",
-        "| method | trainable | % | train s | peak RSS MB | held-out | score | forgetting (points) |",
-        "|---|---:|---:|---:|---:|---|---:|---:|",
+        "| method | trainable | % | train s | peak RSS MB | selected step | held-out | score | vs base | "
+        "forgetting (points) |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {' '.join(r['error'])} | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {' '.join(r['error'])} | | | | | | | | |")
             continue
         score = f"{r['score']:.3f}" if r["score"] is not None else "n/a"
         forget = f"{r['forgetting_points']:.1f}" if r["forgetting_points"] is not None else "n/a"
+        delta = f"{100 * (r['score'] - base[r['task']]):+.1f}" if r["score"] is not None else "n/a"
+        best = int(r["best_step"]) if r.get("best_step") is not None else r["steps"]
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_seconds']} | "
-                     f"{r['peak_rss_mb']} | {r['task'].split(':')[1]} {r['metric']} | {score} | {forget} |")
+                     f"{r['peak_rss_mb']} | {best} | {r['task'].split(':')[1]} {r['metric']} | {score} | {delta} | "
+                     f"{forget} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=25,
+                    help="eval on data.eval every N steps, keep the best (train.select_best); 0: off")
     ap.add_argument("--only", default="", help="comma-separated method names")
     ap.add_argument("--runs", default="runs/bench-methods")
     ap.add_argument("--out", default="docs/results/methods.json")
@@ -121,12 +132,12 @@ def main() -> None:
     rows = []
     for name in wanted:
         cfg, task = METHODS[name]
-        rows.append(measure(name, cfg, task, args.steps, runs))
+        rows.append(measure(name, cfg, task, args.steps, runs, args.eval_every))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, base, args)
     print(table)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "command": "python " + " ".join(sys.argv),
-              "steps": args.steps, "base": base, "rows": rows}
+              "steps": args.steps, "eval_every": args.eval_every, "base": base, "rows": rows}
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -312,3 +312,28 @@ def test_sentiment_configs_build_on_the_meta_device(name):
         real = AutoConfig.from_pretrained(str(Path(tunelab.__file__).parent / "assets" / "tiny-base"))
         with torch.device("meta"):
             METHODS[cfg.method.name].apply(AutoModelForCausalLM.from_config(real), cfg.method)
+
+
+def test_lora_body_trains_only_adapters_and_head_and_round_trips(llama_dir, tok, tmp_path):
+    """body: lora (e.g. a reward model): peft adapters on the body's linear layers + the head train, the base body
+    weights never change, and the delta artifact reloads to the same scores (a scalar head, num_labels 1)."""
+    cfg = METHODS["head"].config_cls(name="head", num_labels=1, body="lora", lora_r=4)
+    model = METHODS["head"].apply(AutoModelForCausalLM.from_pretrained(str(llama_dir)), cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable
+    assert all("lora_" in n for n in trainable - {"head.weight", "head.bias"}) and len(trainable) > 2
+    rank = next(p for n, p in model.named_parameters() if "lora_A" in n).shape[0]
+    assert rank == 4
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batch = batch_of(tok, ["The lamp was good.", "A stone."])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # two steps: LoRA B leaves zero after the first, so A moves in the second
+        model(batch["input_ids"], batch["attention_mask"]).logits.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    save_artifact(model, tok, cfg, ModelConfig(name_or_path=str(llama_dir)), tmp_path / "final")
+    loaded, _ = tunelab.load(tmp_path / "final")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(batch["input_ids"], batch["attention_mask"]).logits,
+                                   model.eval()(batch["input_ids"], batch["attention_mask"]).logits, rtol=0, atol=0)

@@ -164,3 +164,39 @@ def test_same_seed_same_losses_and_gradient_checkpointing_matches(llama_dir, cha
     assert a == b and len(a) == 4
     c = losses("c", gradient_checkpointing=True)
     assert c == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_select_best_keeps_the_weights_of_the_lowest_eval_loss(llama_dir, chat_data, tmp_path):
+    cfg = run_cfg(llama_dir, chat_data, tmp_path / "run", max_steps=6, eval_every=1, lr=3e-2, select_best=True)
+    result = tunelab.train(cfg, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {m["step"]: m["eval_loss"] for m in rows if "eval_loss" in m}
+    best_step = min(evals, key=evals.get)
+    assert set(evals) == set(range(1, 7)) and result.metrics["best_step"] == best_step
+    # the saved final model is the best eval's, not the last step's: its eval loss is the minimum
+    again = tunelab.evaluate(tmp_path / "run", str(chat_data[1]))
+    assert again["loss"] == pytest.approx(evals[best_step], rel=1e-4)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval_loss"] == pytest.approx(evals[best_step])
+
+
+def test_select_best_needs_eval_data(llama_dir, chat_data, tmp_path):
+    cfg = run_cfg(llama_dir, chat_data, tmp_path / "run", max_steps=2, select_best=True)
+    cfg["data"].pop("eval")
+    with pytest.raises(TunelabError, match="select_best"):
+        tunelab.train(cfg, quiet=True)
+
+
+def test_select_best_restores_an_earlier_step_exactly(llama_dir, chat_data, tmp_path, monkeypatch):
+    from tunelab.training.loop import Loop
+
+    scripted = iter([3.0, 1.0, 2.0, 2.5])  # evals at steps 1, 2, 3 and the final one at 4: step 2 is best
+    monkeypatch.setattr(Loop, "evaluate", lambda self: {"eval_loss": next(scripted)})
+    cfg = run_cfg(llama_dir, chat_data, tmp_path / "run", max_steps=4, eval_every=1, save_every=1, keep_last=10,
+                  select_best=True)
+    result = tunelab.train(cfg, quiet=True)
+    assert result.metrics["best_step"] == 2 and result.metrics["eval_loss"] == 1.0
+    at_step2 = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "trainable.safetensors"))
+    final = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    assert len(final) == len(at_step2) > 0
+    for name, t in at_step2.items():  # peft drops the adapter name from its saved keys
+        torch.testing.assert_close(final[name.replace(".default", "")], t, rtol=0, atol=0)

@@ -76,6 +76,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     eval_every: int = Field(0, ge=0, description="steps between evals; 0: only at the end")
+    select_best: bool = Field(
+        False, description="the final model is the weights of the evaluation (every eval_every steps and at the "
+        "end) with the lowest eval loss: early stopping by selection, needs data.eval")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_last: int = Field(2, ge=2)
     nonfinite: Literal["halt", "skip"] = "halt"

@@ -4,7 +4,8 @@ M03, transfer learning by head replacement (ULMFiT, Howard & Ruder, arXiv:1801.0
 head on the last token is GPT's, Radford et al. 2018): drop the LM head, pool the body's last
 hidden states and add a new, randomly initialised linear head; body and head train together.
 M04, feature extraction (Peters, Ruder & Smith, "To Tune or Not to Tune?", arXiv:1903.05987):
-the same model with the body frozen, so only the head trains.
+the same model with the body frozen, so only the head trains. `body: lora` (M03 only) trains the
+body through LoRA adapters (peft) instead of every weight, e.g. for a reward model.
 
     h = pool(Body(x)) in R^H,   z = W h + b in R^C,   p(y | x) = softmax(z)
     W ~ N(0, initializer_range^2), b = 0
@@ -50,7 +51,11 @@ class HeadConfig(MethodConfig):
         "label order (objective.labels, else the sorted training labels)",
     )
     pool: Literal["last", "mean"] = Field("last", description="last non-padding token, or mean over tokens")
-    body: Literal["full", "frozen"] = Field("full", description="full: the body trains too; frozen: only the head")
+    body: Literal["full", "frozen", "lora"] = Field(
+        "full", description="full: the body trains too; frozen: only the head; lora: the body trains through LoRA "
+        "adapters on every linear layer (peft), far fewer trainable weights than full")
+    lora_r: int = Field(8, gt=0, description="LoRA rank of the body (body: lora)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha of the body (body: lora)")
 
     @model_validator(mode="before")
     @classmethod
@@ -152,6 +157,11 @@ def apply(model: nn.Module, cfg: HeadConfig) -> nn.Module:
     nn.init.zeros_(head.bias)
     for p in body.parameters():
         p.requires_grad_(cfg.body == "full")
+    if cfg.body == "lora":  # peft freezes the body and adds trainable low-rank adapters to its linear layers
+        from peft import LoraConfig, get_peft_model
+
+        body = get_peft_model(body, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                               target_modules="all-linear"))
     return ClassifierModel(body, head, cfg.pool, cfg.labels)
 
 

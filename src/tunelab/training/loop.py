@@ -21,7 +21,7 @@ from torch import nn
 
 from tunelab.config import RunConfig
 from tunelab.data.types import Example
-from tunelab.errors import EXIT_RESUMABLE
+from tunelab.errors import EXIT_RESUMABLE, ConfigError
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
@@ -30,7 +30,7 @@ from tunelab.training import checkpoint
 from tunelab.training.guards import NonFiniteGuard, StopSignal, is_oom, oom_error
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.progress import Reporter
-from tunelab.training.state import load_training_state, save_training_state
+from tunelab.training.state import load_trainable, load_training_state, save_training_state
 from tunelab.training.stream import BatchStream, MicroBatch
 
 
@@ -102,6 +102,11 @@ class Loop:
         self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips)
         self.step = 0
         self.tokens_seen = 0
+        # select_best: (eval loss, step, that eval's metrics, the trained weights) of the best eval so far
+        self.best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
+        if t.select_best and not self.eval_data:
+            raise ConfigError("train.select_best needs evaluation data to select by",
+                              fix="set data.eval (e.g. a validation split), or train.select_best=false")
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -231,6 +236,7 @@ class Loop:
                 m["elapsed"] = time.perf_counter() - start
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     m.update(self.evaluate())
+                    self._remember_if_best(m)
                     self.model.train()
                 self._log(m, bar)
                 last_metrics = m
@@ -245,10 +251,34 @@ class Loop:
         if final:
             self._log({"step": self.step, **final}, None)
         self.save()
+        if status == "completed" and t.select_best:
+            final = self._restore_best(final)
         if status == "completed":
             self.runtime.finish(self.accelerator.unwrap_model(self.model), self.run_dir)
         self.accelerator.end_training()
         return TrainResult(self.run_dir, status, self.step, {**last_metrics, **final})
+
+    # ------------------------------------------------------------------ best-of-evals selection
+
+    def _remember_if_best(self, m: dict[str, float]) -> None:
+        """Keep a copy of the trained weights when this eval's loss is the lowest so far (select_best)."""
+        loss = m.get("eval_loss")
+        if not self.cfg.train.select_best or loss is None or (self.best is not None and loss >= self.best[0]):
+            return
+        state = self.method.state(self.accelerator.unwrap_model(self.model))
+        evals = {k: v for k, v in m.items() if k.startswith("eval_")}
+        self.best = (loss, self.step, evals, {k: v.detach().to("cpu", copy=True) for k, v in state.items()})
+
+    def _restore_best(self, final: dict[str, float]) -> dict[str, float]:
+        """Put the best eval's weights back (the checkpoints keep the last step's, for --resume)."""
+        if self.best is None or ("eval_loss" in final and final["eval_loss"] < self.best[0]):
+            self.reporter.say(f"select_best: the final step {self.step} has the lowest eval loss")
+            return {**final, "best_step": float(self.step)}
+        loss, step, evals, weights = self.best
+        load_trainable(self.accelerator.unwrap_model(self.model), weights)
+        self.reporter.say(f"select_best: final model = step {step} (eval loss {loss:.4f} < "
+                          f"{final.get('eval_loss', float('nan')):.4f} at step {self.step})")
+        return {**evals, "best_step": float(step)}
 
     def _log(self, m: dict[str, float], bar: Any) -> None:
         m = {"step": self.step, **m}

@@ -1,7 +1,8 @@
 """Preferences over answers to questions about people: correct and polite beats rude, evasive, wrong.
 
-A response is built from an answer (correct or a wrong value of the same relation) and a frame
-(polite, rude) or is evasive. `score_response` is the rule-based reward these preferences
+A response is built from an answer (correct, or wrong: half the time a plausible value of the same
+relation, half an off-topic value of another relation, see `wrong_answer`) and a frame (polite,
+rude) or is evasive. `score_response` is the rule-based reward these preferences
 follow; its order on the five kinds is the order of every ranking:
 correct+polite (2.5) > correct+rude (1.0) > evasive (0.0) > wrong+polite (-0.5) > wrong+rude (-2.0).
 """
@@ -117,19 +118,30 @@ _SHARES = {  # relations per person given to each split
 }
 
 
+def wrong_answer(rng: random.Random, world: World, relation: str, answer: object) -> tuple[str, str]:
+    """A wrong answer and its type: half "plausible" (another value of the same relation: checking it
+    needs the person's fact) and half "off-topic" (a value of another relation: checkable without it)."""
+    if rng.random() < 0.5:
+        return str(rng.choice([v for v in world.values(relation) if v != answer])), "plausible"
+    other = rng.choice([r for r in RELATION_NAMES if r != relation])
+    return str(rng.choice([v for v in world.values(other) if str(v) != str(answer)])), "off-topic"
+
+
 def _wrong(rng: random.Random, world: World, record: dict) -> str:
-    return rng.choice([v for v in world.values(record["relation"]) if v != record["answer"]])
+    return wrong_answer(rng, world, record["relation"], record["answer"])[0]
 
 
 def _record(rng: random.Random, world: World, person: Person, relation: str, split: str) -> dict:
     answer = person.facts()[relation]
-    wrong = rng.choice([v for v in world.values(relation) if v != answer])
+    wrong, wrong_type = wrong_answer(rng, world, relation, answer)
     record = {"prompt": qa_question(rng, person, relation), "answer": answer, "relation": relation,
               "person": person.name}
     if split.startswith("prompts"):
         return record
     if split.startswith("rankings"):
-        return record | {"responses": [response(rng, kind, answer, wrong) for kind in RANKED_KINDS]}
+        return record | {"responses": [response(rng, kind, answer, wrong) for kind in RANKED_KINDS],
+                         "wrong_type": wrong_type}
     kind = rng.choice(RANKED_KINDS[1:])
     return record | {"chosen": response(rng, "correct-polite", answer, wrong),
-                     "rejected": response(rng, kind, answer, wrong), "rejected_kind": kind}
+                     "rejected": response(rng, kind, answer, wrong), "rejected_kind": kind,
+                     **({"wrong_type": wrong_type} if kind.startswith("wrong") else {})}
