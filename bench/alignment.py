@@ -22,7 +22,6 @@ import json
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +32,7 @@ from tunelab.data.sources import read_records  # noqa: E402
 from tunelab.eval.generation import greedy  # noqa: E402
 from tunelab.eval.reward import judge, score_records  # noqa: E402
 from tunelab.eval.tasks import evaluate_task  # noqa: E402
+from tunelab.world.prefs import score_response  # noqa: E402
 from tunelab.world.resolve import resolve_task  # noqa: E402
 
 CONFIGS = ROOT / "configs"
@@ -41,14 +41,14 @@ BUDGETS = (30, 60, 150)  # optimizer steps of the distilled and the SFT student
 
 
 def train(name: str, config: str, overrides: list[str], runs: Path, keep: bool, log: dict) -> Path:
+    """Train (or with --keep reuse) a stage; `log[name]` = the training loop's seconds (its last `elapsed`)."""
     run_dir = runs / name
     if keep and (run_dir / "final").is_dir():
         print(f"[{name}] reusing {run_dir}", flush=True)
-        return run_dir
-    print(f"[{name}] tunelab train configs/{config} {' '.join(overrides)}", flush=True)
-    t0 = time.perf_counter()
-    api.train(CONFIGS / config, [*overrides, f"output.dir={run_dir}"], overwrite=True, quiet=True)
-    log[name] = round(time.perf_counter() - t0, 1)
+    else:
+        print(f"[{name}] tunelab train configs/{config} {' '.join(overrides)}", flush=True)
+        api.train(CONFIGS / config, [*overrides, f"output.dir={run_dir}"], overwrite=True, quiet=True)
+    log[name] = round(max(m.get("elapsed", 0.0) for m in metrics(run_dir)), 1)
     return run_dir
 
 
@@ -64,14 +64,23 @@ def records(spec: str) -> list[dict]:
     return [r for _, r in read_records(str(resolve_task(spec)))]
 
 
-def win_rate(policy_run: Path, sft_dir: Path, reward_run: Path, prompts: list[str]) -> dict:
+def win_rate(policy_run: Path, sft_dir: Path, reward_run: Path, prompt_records: list[dict]) -> dict:
+    """Greedy replies of the policy and the SFT model to held-out prompts, judged twice: by the reward
+    model (as PPO's eval does) and by the rule the preferences were generated from (`score_response`)."""
+    prompts = [r["prompt"] for r in prompt_records]
     rm, rm_tok = api.load(reward_run)
-    out = {}
     replies = {}
     for name, path in (("policy", policy_run), ("sft", sft_dir)):
         model, tok = api.load(path)
         replies[name] = greedy(model, tok, prompts, max_new_tokens=24, chat=True)
     out = judge(rm, rm_tok, prompts, replies["policy"], replies["sft"])
+    true = {name: [score_response(x, r["answer"]) for x, r in zip(rs, prompt_records, strict=True)]
+            for name, rs in replies.items()}
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(true["policy"], true["sft"], strict=True)]
+    out |= {"true_score": sum(true["policy"]) / len(prompts), "true_score_sft": sum(true["sft"]) / len(prompts),
+            "true_win_rate": sum(wins) / len(prompts),
+            "correct": sum(s > 0.5 for s in true["policy"]) / len(prompts),
+            "correct_sft": sum(s > 0.5 for s in true["sft"]) / len(prompts)}
     out["examples"] = [{"prompt": p, "policy": a, "sft": b} for p, a, b in
                        list(zip(prompts, replies["policy"], replies["sft"], strict=True))[:3]]
     return out
@@ -106,7 +115,7 @@ def main() -> None:
                      "rankings_test_pairwise_accuracy": ranked["accuracy"], "rankings_test_pairs": ranked["pairs"]}
     print("reward:", res["reward"], flush=True)
 
-    prompts = [r["prompt"] for r in records("tinyworld:prefs@prompts-test")]
+    prompt_records = records("tinyworld:prefs@prompts-test")
 
     # --- O05 PPO
     ppo = train("ppo", "align-ppo.yaml", [f"model.name_or_path={sft_model}", f"objective.reward_model={reward}"],
@@ -115,6 +124,7 @@ def main() -> None:
     rollouts = [json.loads(line) for line in (ppo / "rollouts.jsonl").read_text().splitlines()]
     final = last_eval(ppo)
     target = api.resolve_config(ppo).objective.kl_target
+    res["ppo_judged"] = win_rate(ppo, sft_model, reward, prompt_records)
     res["ppo"] = {
         "held_out_reward_sft": final["eval_reward_reference"], "held_out_reward_ppo": final["eval_reward"],
         "win_rate_vs_sft": final["eval_win_rate"], "kl_target": target,
@@ -133,7 +143,7 @@ def main() -> None:
                     runs, args.keep, seconds)
         ev = last_eval(run)
         res[name] = {"held_out_preference_accuracy": ev["eval_accuracy"], "held_out_margin": ev["eval_margin"],
-                     **win_rate(run, sft_model, reward, prompts)}
+                     **win_rate(run, sft_model, reward, prompt_records)}
         print(f"{name}:", {k: v for k, v in res[name].items() if k != "examples"}, flush=True)
 
     # --- O07 distillation: a 2-layer student, distill vs SFT at the same budget
@@ -173,7 +183,7 @@ def markdown(r: dict) -> str:
         "# Alignment and distillation on TinyWorld", "",
         "Command: `python bench/alignment.py` (2 CPU cores, no GPU; one seed). Raw numbers: `alignment.json`.",
         "Recipes: `configs/align-*.yaml`, `configs/distill*.yaml`; how to choose: [../alignment.md](../alignment.md).",
-        "", "| stage | wall s |", "|---|---:|",
+        "", "| stage | training loop s (incl. PPO rollouts and evals) |", "|---|---:|",
         *[f"| {k} | {v} |" for k, v in r["seconds"].items()], "",
         "## Reward model (O04)", "",
         f"Held-out pairwise accuracy on `tinyworld:prefs@test` (people none of whose prompts are in training): "
@@ -193,6 +203,17 @@ def markdown(r: dict) -> str:
         d = r[name]
         lines.append(f"| {label} | {d['reward']:.3f} | {d['reward_baseline']:.3f} | {d['win_rate']:.3f} | "
                      f"{d['held_out_preference_accuracy']:.3f} | |")
+    lines += [
+        "", "The same greedy replies judged by the rule the preferences were generated from (`tinyworld.world.prefs."
+        "score_response`: +2 correct, 0 evasive, -1 wrong; +0.5 polite, -1 rude) - the ground truth the reward "
+        "model only approximates:", "",
+        "| policy | true score | SFT true score | true win rate vs SFT | correct answers | SFT correct |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {label} | {d['true_score']:.3f} | {d['true_score_sft']:.3f} | {d['true_win_rate']:.3f} | "
+          f"{d['correct']:.3f} | {d['correct_sft']:.3f} |"
+          for label, d in (("PPO, LoRA", r["ppo_judged"]), ("DPO, LoRA", r["dpo-lora"]),
+                           ("DPO, QLoRA", r["dpo-qlora"]))],
+    ]
     lines += [
         "", f"PPO: {pp['rollouts']} rollouts, {pp['steps']} optimizer steps; sampled rollout reward "
         f"{pp['rollout_reward_first']:.3f} -> {pp['rollout_reward_last']:.3f}. Reward curve: "
