@@ -345,7 +345,7 @@ def plot_reward_curve(run_dir: Path, say: Any = print) -> Path | None:
     ax2 = ax.twinx()
     ax2.plot([r["step"] for r in train], [r["kl"] for r in train], color="grey", alpha=0.5, label="KL per reply")
     ax2.set_ylabel("KL to reference")
-    fig.legend(loc="lower right")
+    fig.legend(loc="upper left")
     fig.tight_layout()
     out = run_dir / "reward_curve.png"
     fig.savefig(out, dpi=100)
