@@ -487,3 +487,29 @@ def test_dpo_lora_run_moves_the_margin_and_logs_eval_accuracy(llama_dir, tmp_pat
         assert m["eval_margin"] == pytest.approx(m["eval_reward_chosen"] - m["eval_reward_rejected"], abs=1e-6)
     assert evals_seen[-1]["eval_margin"] > 0.05 and evals_seen[-1]["eval_accuracy"] > 0.5
     assert evals_seen[-1]["eval_loss"] < math.log(2)
+
+
+def test_reward_lm_weight_adds_the_chosen_replies_next_token_loss(llama_dir, tok):
+    """objective.lm_weight: BT loss + w * (mean token NLL of each chosen reply), the NLL scored through the tied
+    embeddings, i.e. exactly what the original causal LM gives; an untied model is refused."""
+    from tunelab.objectives.preference import RewardConfig, reward_terms
+
+    lm = AutoModelForCausalLM.from_pretrained(str(llama_dir), tie_word_embeddings=True)
+    lm.tie_weights()
+    batch = collate([[ex] for ex in pairs_of(pref_records(3, seed=5), tok)], tok.pad_token_id, packed=False)
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp, n = sequence_logps(logits, batch["labels"])
+    reference_nll = -(logp / n)[:3]  # chosen rows come first
+    torch.manual_seed(0)
+    model = METHODS["head"].apply(lm, HeadConfig(num_labels=1)).eval()
+    with torch.no_grad():
+        plain, rc, rr = reward_terms(model, batch, RewardConfig(lm_weight=0.0))
+        mixed, _, _ = reward_terms(model, batch, RewardConfig(lm_weight=0.5))
+    torch.testing.assert_close(plain, -F.logsigmoid(rc - rr))
+    torch.testing.assert_close(mixed, plain + 0.5 * reference_nll, rtol=1e-5, atol=1e-5)
+    untied = METHODS["head"].apply(AutoModelForCausalLM.from_pretrained(str(llama_dir), tie_word_embeddings=False),
+                                   HeadConfig(num_labels=1))
+    if not untied.config.tie_word_embeddings:
+        with pytest.raises(TunelabError, match="tied"):
+            reward_terms(untied, batch, RewardConfig(lm_weight=0.5))

@@ -120,13 +120,14 @@ class ClassifierModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
+        position_ids: torch.Tensor | None = None, use_cache: bool | None = None, output_hidden_states: bool = False,
     ) -> SequenceClassifierOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.body_trains()):
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
         pooled = pool_hidden(out.last_hidden_state, attention_mask, self.pool)  # (B, H)
-        return SequenceClassifierOutput(logits=self.head(pooled.to(self.head.weight.dtype)))  # (B, C)
+        return SequenceClassifierOutput(logits=self.head(pooled.to(self.head.weight.dtype)),  # (B, C)
+                                        hidden_states=(out.last_hidden_state,) if output_hidden_states else None)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.body.gradient_checkpointing_enable(**kwargs)

@@ -37,7 +37,7 @@ from torch import nn
 from tunelab.config import ObjectiveConfig
 from tunelab.data.collate import collate
 from tunelab.errors import TunelabError
-from tunelab.objectives.alignment_losses import bradley_terry_loss, dpo_loss, sequence_logps
+from tunelab.objectives.alignment_losses import bradley_terry_loss, dpo_loss, sequence_logps, token_logps
 from tunelab.objectives.frozen import Reference
 from tunelab.objectives.lm import forward_logits
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
@@ -48,6 +48,9 @@ PAIR_FORMATS = ("preference", "ranking")
 class RewardConfig(ObjectiveConfig):
     name: Literal["reward"] = "reward"
     center_rewards: float = Field(0.0, ge=0.0, description="c of the c * (r_chosen + r_rejected)^2 centring term")
+    lm_weight: float = Field(
+        0.0, ge=0.0, description="weight of an auxiliary next-token loss on the chosen replies, through the body's "
+        "tied input embeddings (keeps the body a language model; needs tied embeddings)")
 
 
 class DPOConfig(ObjectiveConfig):
@@ -77,9 +80,10 @@ def _need_pairs(batch: dict[str, torch.Tensor], objective: str) -> None:
 # ----------------------------------------------------------------------------- reward
 
 
-def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(rows,) scalar rewards of a scalar-head model."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor], out: Any = None) -> torch.Tensor:
+    """(rows,) scalar rewards of a scalar-head model (`out`: its output for the batch, if already run)."""
+    out = out if out is not None else model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits
     if logits.dim() != 2 or logits.shape[1] != 1:
         raise TunelabError(
             f"objective reward needs a scalar head (logits (batch, 1)), got logits of shape {tuple(logits.shape)}",
@@ -92,11 +96,27 @@ def reward_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair losses (B,), r_chosen (B,), r_rejected (B,))."""
     _need_pairs(batch, "reward")
-    r_chosen, r_rejected = split_pairs(reward_scores(model, batch))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=cfg.lm_weight > 0)
+    r_chosen, r_rejected = split_pairs(reward_scores(model, batch, out))
     losses = bradley_terry_loss(r_chosen, r_rejected)
     if cfg.center_rewards:
         losses = losses + cfg.center_rewards * (r_chosen + r_rejected) ** 2
+    if cfg.lm_weight:
+        losses = losses + cfg.lm_weight * chosen_lm_loss(model, out.hidden_states[-1], batch["labels"])
     return losses, r_chosen, r_rejected
+
+
+def chosen_lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token NLL of each chosen reply, scored through the tied input embeddings."""
+    inner = getattr(model, "module", model)
+    if not getattr(inner.config, "tie_word_embeddings", False):
+        raise TunelabError("objective.lm_weight needs a model whose LM head is tied to its input embeddings",
+                           fix="set objective.lm_weight=0")
+    emb = inner.body.get_input_embeddings().weight  # (V, H)
+    h, lab = split_pairs(hidden)[0], split_pairs(labels)[0]  # chosen rows (B, T, H), (B, T)
+    logp, mask = token_logps(h.float() @ emb.float().T, lab)  # (B, T-1)
+    return -(logp.sum(-1) / mask.sum(-1).clamp(min=1))
 
 
 def reward_loss(
