@@ -35,3 +35,11 @@ def chat_data(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("data")
     return (tiny.write_jsonl(d / "train.jsonl", tiny.chat_records(64, seed=1)),
             tiny.write_jsonl(d / "eval.jsonl", tiny.chat_records(16, seed=2)))
+
+
+@pytest.fixture(scope="module")
+def tok(llama_dir):
+    """The tiny Llama's tokenizer (ChatML template); data tests override it with their own."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(llama_dir))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from tests import tiny
 from tunelab import api
@@ -29,11 +29,6 @@ from tunelab.eval.tasks import (
     normalize,
     parse_spec,
 )
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    return AutoTokenizer.from_pretrained(str(llama_dir))
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

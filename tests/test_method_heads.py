@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
@@ -40,11 +40,6 @@ def sentiment_records(n: int, seed: int = 0) -> list[dict]:
         label = "positive" if positive else "negative"
         out.append({"text": f"The {rng.choice(tiny.THINGS)} was {adj}.", "label": label})
     return out
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    return AutoTokenizer.from_pretrained(str(llama_dir))
 
 
 def fresh(llama_dir: Path, method: str, seed: int = 0, **kw) -> ClassifierModel:

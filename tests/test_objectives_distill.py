@@ -26,19 +26,10 @@ CPU = torch.device("cpu")
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
-def quiet(_: str) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    return AutoTokenizer.from_pretrained(str(llama_dir))
-
-
 @pytest.fixture(scope="module")
 def batch(tok, chat_data) -> dict[str, torch.Tensor]:
     data = load_tokenized(DataConfig(train=str(chat_data[0])), "train", tok, mask_prompt=True,
-                          formats=OBJECTIVES["distill"].formats, log=quiet)
+                          formats=OBJECTIVES["distill"].formats, log=tiny.quiet)
     return collate([[ex] for ex in data.examples[:4]], tok.pad_token_id, packed=False)
 
 
@@ -64,7 +55,7 @@ def small_student(llama_dir, tmp_path_factory) -> Path:
 def runtime(teacher: Path | str, student, tok, **objective) -> DistillRuntime:
     cfg = build_config({"method": {"name": "full"}, "objective": {"name": "distill", "teacher": str(teacher),
                                                                   **objective}})
-    return DistillRuntime(RunContext(cfg, student, tok, CPU, quiet, [], tok.pad_token_id))
+    return DistillRuntime(RunContext(cfg, student, tok, CPU, tiny.quiet, [], tok.pad_token_id))
 
 
 def student_of(path: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
@@ -31,15 +31,6 @@ from tunelab.training.stream import BatchStream
 CPU = torch.device("cpu")
 PNG = b"\x89PNG\r\n\x1a\n"
 STOP_BOOST = 4.5  # added to the <|im_end|> logit: replies of the random model end at different lengths
-
-
-def quiet(_: str) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    return AutoTokenizer.from_pretrained(str(llama_dir))
 
 
 def prompt_records(n: int, offset: int = 0) -> list[dict]:
@@ -97,8 +88,8 @@ def make_runtime(llama_dir, tok, files, policy=None, batch_size: int = 4, **obje
         "train": {"batch_size": batch_size, "seed": 3},
     })
     policy = policy if policy is not None else lora_policy(llama_dir, tok)
-    data = load_tokenized(cfg.data, "train", tok, mask_prompt=True, formats=("prompt",), log=quiet)
-    runtime = OBJECTIVES["ppo"].make_runtime(RunContext(cfg, policy, tok, CPU, quiet, data.examples,
+    data = load_tokenized(cfg.data, "train", tok, mask_prompt=True, formats=("prompt",), log=tiny.quiet)
+    runtime = OBJECTIVES["ppo"].make_runtime(RunContext(cfg, policy, tok, CPU, tiny.quiet, data.examples,
                                                         tok.pad_token_id))
     stream = runtime.stream(BatchStream(data.examples, batch_size=batch_size, packing=False, max_length=64,
                                         seed=3, pad_id=tok.pad_token_id))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
@@ -38,15 +38,6 @@ PAIR_FORMATS = ("preference", "ranking")
 MARKER = "number"  # the chosen reply = the rejected one + this word
 
 
-def quiet(_: str) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    return AutoTokenizer.from_pretrained(str(llama_dir))
-
-
 def pref_records(n: int, seed: int = 0) -> list[dict]:
     """Pairs that differ only by a fixed marker word at the end of the chosen reply."""
     rng = random.Random(seed)
@@ -68,7 +59,7 @@ def trained(ex: Example) -> list[int]:
 
 
 def context(cfg: dict, model, tok, examples: list[Example] | None = None) -> RunContext:
-    return RunContext(build_config(cfg), model, tok, CPU, quiet, examples or [], tok.pad_token_id)
+    return RunContext(build_config(cfg), model, tok, CPU, tiny.quiet, examples or [], tok.pad_token_id)
 
 
 def lora_policy(llama_dir: Path):
@@ -121,7 +112,7 @@ def test_bad_pair_records_are_all_listed_with_file_and_line(tmp_path, tok):
         {"prompt": "q?", "responses": ["red", "blue", "red"]},
         {"responses": ["red", "blue"]},
     ])
-    kw = {"mask_prompt": True, "formats": PAIR_FORMATS, "log": quiet}
+    kw = {"mask_prompt": True, "formats": PAIR_FORMATS, "log": tiny.quiet}
     with pytest.raises(DataError) as e:
         load_tokenized(DataConfig(train=str(ranking)), "train", tok, **kw)
     text = str(e.value)

@@ -84,3 +84,7 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def quiet(_: str) -> None:
+    """A `say` that prints nothing (runtimes' progress lines in tests)."""
