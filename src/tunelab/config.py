@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from tunelab.errors import ConfigError
 
@@ -117,6 +117,13 @@ class RunConfig(Section):
     @classmethod
     def _pick_objective(cls, v: Any) -> ObjectiveConfig:
         return v if isinstance(v, ObjectiveConfig) else _objective_config(v)
+
+    @model_validator(mode="after")
+    def _select_best_needs_eval(self) -> RunConfig:
+        if self.train.select_best and self.data.eval is None:
+            raise ValueError("train.select_best needs evaluation data to select by: set data.eval (e.g. a "
+                             "validation split), or train.select_best=false")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -238,7 +245,7 @@ def _explain(e: ValidationError, prefix: str = "", model: type[BaseModel] | None
     for err in e.errors():
         parts = [prefix] if prefix else []
         parts += [str(p) for p in err["loc"] if not str(p).startswith("function-")]
-        loc = ".".join(parts)
+        loc = ".".join(parts) or "config"  # a cross-section check of the whole config has no key
         if err["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key; allowed: {_allowed(model or RunConfig, err['loc'])}")
         else:

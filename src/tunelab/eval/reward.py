@@ -7,6 +7,7 @@ template exactly as the reward model was trained (data/preference.py), at its la
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ def rewards_of(
     out: list[float] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        rows = [[type(ex)(ex.input_ids[:max_length], ex.labels[:max_length])] for ex in chunk]
+        rows = [[replace(ex, input_ids=ex.input_ids[:max_length], labels=ex.labels[:max_length])] for ex in chunk]
         batch = {k: v.to(device) for k, v in collate(rows, pad_id=pad_id(tokenizer), packed=False).items()}
         out += reward_scores(model, batch).tolist()
     model.train(was_training)

@@ -40,9 +40,11 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.config import ObjectiveConfig
+from tunelab.data.collate import collate
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import generate_ids, stop_token_ids
+from tunelab.eval.generation import generate_ids, greedy, pad_id, stop_token_ids
+from tunelab.eval.reward import is_reward_model, judge, rewards_of
 from tunelab.objectives.alignment_losses import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -55,6 +57,7 @@ from tunelab.objectives.alignment_losses import (
     token_logps,
 )
 from tunelab.objectives.frozen import Reference, load_frozen, unwrap
+from tunelab.objectives.lm import forward_logits
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
 from tunelab.training.stream import MicroBatch
 
@@ -116,22 +119,11 @@ def policy_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return out.logits[:, -t:], head(out.hidden_states[-1][:, -t:])
 
 
-def _ref_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    t = batch["input_ids"].shape[1]
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, -t:]
-
-
 def right_pad(rows: list[list[int]], n_query: list[int], pad: int) -> dict[str, torch.Tensor]:
-    """Query+reply rows right-padded: input_ids, attention_mask, labels (IGNORE except reply tokens)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, q) in enumerate(zip(rows, n_query, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        labels[i, q : len(row)] = torch.tensor(row[q:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Query+reply rows right-padded (data/collate.py): input_ids, attention_mask, labels (IGNORE except
+    reply tokens)."""
+    examples = [Example(row, [IGNORE] * q + row[q:]) for row, q in zip(rows, n_query, strict=True)]
+    return collate([[ex] for ex in examples], pad_id=pad, packed=False)
 
 
 class RolloutStream:
@@ -170,8 +162,6 @@ class PPORuntime(Runtime):
         self.seed = ctx.cfg.train.seed
         self.reference = Reference(ctx.model, cfg.reference, ctx.device, ctx.tokenizer)
         self.reward_model, self.rm_tokenizer = load_frozen(cfg.reward_model, ctx.device, "reward model")
-        from tunelab.eval.reward import is_reward_model
-
         if not is_reward_model(self.reward_model):
             raise TunelabError(f"{cfg.reward_model}: not a reward model (a scalar head)",
                                fix="train one with objective reward and method head (num_labels: 1)")
@@ -213,21 +203,21 @@ class PPORuntime(Runtime):
         queries = [list(p.input_ids) for p in prompts]
         replies = generate_ids(unwrap(self.policy), self.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
                                batch_size=len(queries), temperature=cfg.temperature, top_k=cfg.top_k)
-        replies = [r if r else [stop_token_ids(unwrap(self.policy), self.tokenizer)[0]] for r in replies]
+        stops = stop_token_ids(unwrap(self.policy), self.tokenizer)
+        replies = [r if r else [stops[0]] for r in replies]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
         scores = self._rm_scores(prompts, texts)  # (N,)
-        stops = set(stop_token_ids(unwrap(self.policy), self.tokenizer))
         if cfg.missing_stop_penalty is not None:
             scores = scores + torch.tensor([0.0 if r[-1] in stops else cfg.missing_stop_penalty for r in replies])
         batch = right_pad([q + r for q, r in zip(queries, replies, strict=True)], [len(q) for q in queries],
-                          _pad(self.tokenizer))
+                          pad_id(self.tokenizer))
         batch = {k: v.to(device) for k, v in batch.items()}
         was_training = self.policy.training
         self.policy.eval()
         logits, values = policy_forward(self.policy, batch)
         self.policy.train(was_training)
         logp, mask = token_logps(logits, batch["labels"])  # (N, T-1): position t-1 predicts token t
-        ref_logp, _ = token_logps(self.reference.forward(self.policy, _ref_logits, batch), batch["labels"])
+        ref_logp, _ = token_logps(self.reference.forward(self.policy, forward_logits, batch), batch["labels"])
         values = values[:, :-1] * mask  # value before each reply token
         maskf = mask.float()
         kl = kl_per_token(logp, ref_logp, cfg.kl_estimator) * maskf  # (N, T-1)
@@ -251,8 +241,6 @@ class PPORuntime(Runtime):
         return self._minibatches(data, [p.where for p in prompts])
 
     def _rm_scores(self, prompts: list[Example], texts: list[str]) -> torch.Tensor:
-        from tunelab.eval.reward import rewards_of
-
         items = [(self._prompt_of(p), t) for p, t in zip(prompts, texts, strict=True)]
         return torch.tensor(rewards_of(self.reward_model, self.rm_tokenizer, items))
 
@@ -304,9 +292,6 @@ class PPORuntime(Runtime):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: list[Example]) -> dict[str, float]:
         """Greedy replies of the policy and of the reference to the eval prompts, judged by the reward model."""
-        from tunelab.eval.generation import greedy
-        from tunelab.eval.reward import judge
-
         prompts = [self._prompt_of(e) for e in examples]
         n = self.cfg.max_new_tokens
         mine = greedy(unwrap(model), self.tokenizer, prompts, max_new_tokens=n, chat=True)
@@ -351,12 +336,6 @@ def plot_reward_curve(run_dir: Path, say: Any = print) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _pad(tokenizer: Any) -> int:
-    from tunelab.eval.generation import pad_id
-
-    return pad_id(tokenizer)
 
 
 def ppo(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from tunelab.config import RunConfig
 from tunelab.data.types import Example
-from tunelab.errors import EXIT_RESUMABLE, ConfigError
+from tunelab.errors import EXIT_RESUMABLE
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
@@ -104,9 +104,6 @@ class Loop:
         self.tokens_seen = 0
         # select_best: (eval loss, step, that eval's metrics, the trained weights) of the best eval so far
         self.best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
-        if t.select_best and not self.eval_data:
-            raise ConfigError("train.select_best needs evaluation data to select by",
-                              fix="set data.eval (e.g. a validation split), or train.select_best=false")
 
     def _total_steps(self) -> int:
         t = self.cfg.train
