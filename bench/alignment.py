@@ -4,7 +4,10 @@
 
 Runs the recipes of docs/alignment.md in order under runs/bench-align/ (reusing a finished stage's
 run with --keep), then measures on held-out data:
-- reward model: pairwise accuracy on tinyworld:prefs@test (and per kind of rejected reply);
+- reward model: pairwise accuracy on tinyworld:prefs@test (and per kind of rejected reply); the
+  recipe's `likelihood: pmi` head against the same recipe with `likelihood: off` (the head alone)
+  and `reply`, each also as a judge: how often it prefers what the ground-truth rule prefers between
+  the DPO policy's and the SFT model's greedy replies to held-out prompts (replies no pair contains);
 - PPO: mean reward of greedy replies to tinyworld:prefs@prompts-test before (the SFT model) and
   after, KL per reply of the last rollouts vs the target, win rate over the SFT model by the reward model;
 - DPO with LoRA and with QLoRA: held-out preference accuracy (implicit reward margin > 0 on
@@ -30,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from tunelab import api  # noqa: E402
 from tunelab.data.sources import read_records  # noqa: E402
 from tunelab.eval.generation import greedy  # noqa: E402
-from tunelab.eval.reward import judge, score_records  # noqa: E402
+from tunelab.eval.reward import judge, rewards_of, score_records  # noqa: E402
 from tunelab.eval.tasks import evaluate_task  # noqa: E402
 from tunelab.world.prefs import score_response  # noqa: E402
 from tunelab.world.resolve import resolve_task  # noqa: E402
@@ -64,18 +67,41 @@ def records(spec: str) -> list[dict]:
     return [r for _, r in read_records(str(resolve_task(spec)))]
 
 
+_REPLIES: dict[Path, list[str]] = {}
+
+
+def greedy_replies(path: Path, prompts: list[str]) -> list[str]:
+    """Greedy replies of a model to the held-out prompts (once per model)."""
+    if path not in _REPLIES:
+        model, tok = api.load(path)
+        _REPLIES[path] = greedy(model, tok, prompts, max_new_tokens=24, chat=True)
+    return _REPLIES[path]
+
+
+def true_scores(replies: list[str], prompt_records: list[dict]) -> list[float]:
+    return [score_response(x, r["answer"]) for x, r in zip(replies, prompt_records, strict=True)]
+
+
+def judge_agreement(reward_run: Path, policy_run: Path, sft_dir: Path, prompt_records: list[dict]) -> dict:
+    """Between the policy's and the SFT model's greedy reply to each held-out prompt: how often the
+    reward model prefers the reply the ground-truth rule prefers (prompts where the rule ties left out)."""
+    prompts = [r["prompt"] for r in prompt_records]
+    a, b = greedy_replies(policy_run, prompts), greedy_replies(sft_dir, prompts)
+    rm, rm_tok = api.load(reward_run)
+    ra, rb = (rewards_of(rm, rm_tok, list(zip(prompts, x, strict=True))) for x in (a, b))
+    ta, tb = true_scores(a, prompt_records), true_scores(b, prompt_records)
+    decided = [(x > y) == (u > v) for x, y, u, v in zip(ra, rb, ta, tb, strict=True) if u != v]
+    return {"agreement": sum(decided) / len(decided), "decided_prompts": len(decided)}
+
+
 def win_rate(policy_run: Path, sft_dir: Path, reward_run: Path, prompt_records: list[dict]) -> dict:
     """Greedy replies of the policy and the SFT model to held-out prompts, judged twice: by the reward
     model (as PPO's eval does) and by the rule the preferences were generated from (`score_response`)."""
     prompts = [r["prompt"] for r in prompt_records]
     rm, rm_tok = api.load(reward_run)
-    replies = {}
-    for name, path in (("policy", policy_run), ("sft", sft_dir)):
-        model, tok = api.load(path)
-        replies[name] = greedy(model, tok, prompts, max_new_tokens=24, chat=True)
+    replies = {"policy": greedy_replies(policy_run, prompts), "sft": greedy_replies(sft_dir, prompts)}
     out = judge(rm, rm_tok, prompts, replies["policy"], replies["sft"])
-    true = {name: [score_response(x, r["answer"]) for x, r in zip(rs, prompt_records, strict=True)]
-            for name, rs in replies.items()}
+    true = {name: true_scores(rs, prompt_records) for name, rs in replies.items()}
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(true["policy"], true["sft"], strict=True)]
     out |= {"true_score": sum(true["policy"]) / len(prompts), "true_score_sft": sum(true["sft"]) / len(prompts),
             "true_win_rate": sum(wins) / len(prompts),
@@ -84,6 +110,21 @@ def win_rate(policy_run: Path, sft_dir: Path, reward_run: Path, prompt_records: 
     out["examples"] = [{"prompt": p, "policy": a, "sft": b} for p, a, b in
                        list(zip(prompts, replies["policy"], replies["sft"], strict=True))[:3]]
     return out
+
+
+def reward_accuracy(reward_run: Path) -> dict:
+    """Pairwise accuracy on prefs@test (overall and per kind of rejected reply) and on rankings-test."""
+    model, tok = api.load(reward_run)
+    test_pairs = records("tinyworld:prefs@test")
+    scored = score_records(model, tok, [(str(i), r) for i, r in enumerate(test_pairs)])
+    kinds: dict[str, list[bool]] = collections.defaultdict(list)
+    for r, s in zip(test_pairs, scored["records"], strict=True):
+        kinds[r["rejected_kind"]].append(s["chosen"] > s["rejected"])
+    ranks = records("tinyworld:prefs@rankings-test")
+    ranked = score_records(model, tok, [(str(i), r) for i, r in enumerate(ranks)])
+    return {"pairwise_accuracy": scored["accuracy"], "pairs": scored["pairs"],
+            "by_rejected_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+            "rankings_test_pairwise_accuracy": ranked["accuracy"], "rankings_test_pairs": ranked["pairs"]}
 
 
 def main() -> None:
@@ -102,17 +143,7 @@ def main() -> None:
 
     # --- O04 reward model
     reward = train("reward", "align-reward.yaml", [f"model.name_or_path={sft_model}"], runs, args.keep, seconds)
-    model, tok = api.load(reward)
-    test_pairs = records("tinyworld:prefs@test")
-    scored = score_records(model, tok, [(str(i), r) for i, r in enumerate(test_pairs)])
-    kinds: dict[str, list[bool]] = collections.defaultdict(list)
-    for r, s in zip(test_pairs, scored["records"], strict=True):
-        kinds[r["rejected_kind"]].append(s["chosen"] > s["rejected"])
-    ranks = records("tinyworld:prefs@rankings-test")
-    ranked = score_records(model, tok, [(str(i), r) for i, r in enumerate(ranks)])
-    res["reward"] = {"pairwise_accuracy": scored["accuracy"], "pairs": scored["pairs"],
-                     "by_rejected_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
-                     "rankings_test_pairwise_accuracy": ranked["accuracy"], "rankings_test_pairs": ranked["pairs"]}
+    res["reward"] = reward_accuracy(reward)
     print("reward:", res["reward"], flush=True)
 
     prompt_records = records("tinyworld:prefs@prompts-test")
@@ -145,6 +176,16 @@ def main() -> None:
         res[name] = {"held_out_preference_accuracy": ev["eval_accuracy"], "held_out_margin": ev["eval_margin"],
                      **win_rate(run, sft_model, reward, prompt_records)}
         print(f"{name}:", {k: v for k, v in res[name].items() if k != "examples"}, flush=True)
+
+    # --- reward-model variants: the same recipe with the head alone / the plain reply likelihood
+    variants = {"pmi": {**res["reward"], **judge_agreement(reward, runs / "dpo-lora", sft_model, prompt_records)}}
+    for likelihood in ("off", "reply"):
+        run = train(f"reward-{likelihood}", "align-reward.yaml",
+                    [f"model.name_or_path={sft_model}", f"method.likelihood={likelihood}"], runs, args.keep, seconds)
+        variants[likelihood] = {**reward_accuracy(run),
+                                **judge_agreement(run, runs / "dpo-lora", sft_model, prompt_records)}
+    res["reward_variants"] = variants
+    print("reward variants:", variants, flush=True)
 
     # --- O07 distillation: a 2-layer student, distill vs SFT at the same budget
     teacher = train("teacher", "sft-lora.yaml", [], runs, args.keep, seconds)
@@ -191,6 +232,16 @@ def markdown(r: dict) -> str:
         f"`rankings-test`: {rw['rankings_test_pairwise_accuracy']:.3f} over {rw['rankings_test_pairs']} pairs.", "",
         "| rejected reply | accuracy |", "|---|---:|",
         *[f"| {k} | {v:.3f} |" for k, v in rw["by_rejected_kind"].items()], "",
+        "The recipe (`method.likelihood: pmi`) against the same recipe with the head alone (`off`) and with the "
+        "plain reply log-likelihood (`reply`). Judge agreement: between the DPO (LoRA) policy's and the SFT "
+        "model's greedy replies to each held-out prompt, how often the reward model prefers the one the "
+        "ground-truth rule prefers (prompts the rule ties left out) - the replies a policy produces, which no "
+        "training or test pair contains:", "",
+        "| `likelihood` | held-out pairwise accuracy | wrong-polite | rankings-test | judge agreement |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {k} | {v['pairwise_accuracy']:.3f} | {v['by_rejected_kind']['wrong-polite']:.3f} | "
+          f"{v['rankings_test_pairwise_accuracy']:.3f} | {v['agreement']:.3f} ({v['decided_prompts']} prompts) |"
+          for k, v in r["reward_variants"].items()], "",
         "## PPO (O05) and DPO (O06) from the same SFT model", "",
         "Held-out prompts `tinyworld:prefs@prompts-test`, greedy replies, judged by the reward model above; "
         "win rate over the SFT model (ties count half).", "",

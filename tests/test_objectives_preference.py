@@ -504,3 +504,112 @@ def test_reward_lm_weight_adds_the_chosen_replies_next_token_loss(llama_dir, tok
     if not untied.config.tie_word_embeddings:
         with pytest.raises(TunelabError, match="tied"):
             reward_terms(untied, batch, RewardConfig(lm_weight=0.5))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_likelihood_reward_is_the_head_plus_a_scaled_reply_loglik_of_the_causal_lm(llama_dir, tok, tied):
+    """method.likelihood=reply: r = w . h_last + b + a * sum over reply tokens of log p(token | before), the
+    log-probs exactly the original causal LM's (tied embeddings or its own LM head), written as python loops."""
+    lm = AutoModelForCausalLM.from_pretrained(str(llama_dir), tie_word_embeddings=tied)
+    lm.tie_weights()
+    assert (lm.get_output_embeddings().weight is lm.get_input_embeddings().weight) == tied
+    batch = collate([[ex] for ex in pairs_of(pref_records(3, seed=6), tok)], tok.pad_token_id, packed=False)
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    loglik, _ = naive_logps(logits, batch["labels"])
+    last = [max(i for i, m in enumerate(row) if m) for row in batch["attention_mask"].tolist()]
+    torch.manual_seed(0)
+    model = METHODS["head"].apply(lm, HeadConfig(num_labels=1, likelihood="reply")).eval()
+    assert (model.lm_head is None) == tied
+    assert float(model.likelihood_scale.detach()) == 1.0 and model.likelihood_scale.requires_grad
+    with torch.no_grad():
+        model.likelihood_scale.fill_(0.7)
+        model.head.bias.fill_(0.3)
+        head = torch.stack([model.head(hidden[i, t]).double()[0] for i, t in enumerate(last)])
+        got = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).logits[:, 0]
+    torch.testing.assert_close(got.double(), head + 0.7 * loglik, rtol=1e-5, atol=1e-4)
+    # the same prompt's chosen and rejected replies differ by their likelihood, as the LM judges them
+    assert loglik[:3].sub(loglik[3:]).abs().min() > 1e-3
+    with pytest.raises(TunelabError, match="reply span"):
+        model(batch["input_ids"], batch["attention_mask"])
+
+
+def test_likelihood_reward_head_options_follow_the_body(llama_dir):
+    with pytest.raises(ValueError, match="scalar reward head"):
+        HeadConfig(num_labels=2, likelihood="pmi")
+    assert HeadConfig(num_labels=1, likelihood=False).likelihood == "off"  # YAML's bare `off`
+    for body, trains in (("full", True), ("frozen", False), ("lora", False)):
+        lm = AutoModelForCausalLM.from_pretrained(str(llama_dir), tie_word_embeddings=False)
+        model = METHODS["head"].apply(lm, HeadConfig(num_labels=1, likelihood="pmi", body=body))
+        assert model.lm_head is not None
+        assert all(p.requires_grad == trains for p in model.lm_head.parameters()), body
+        assert model.likelihood_scale.requires_grad  # the mix always learns
+
+
+def test_likelihood_reward_model_trains_saves_and_reloads(llama_dir, tok, tmp_path):
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", pref_records(32, seed=1))
+    evals = tiny.write_jsonl(tmp_path / "eval.jsonl", pref_records(8, seed=2))
+    run = tmp_path / "run"
+    cfg = {
+        "model": {"name_or_path": str(llama_dir)},
+        "data": {"train": str(train), "eval": str(evals), "max_length": 64},
+        "method": {"name": "head", "num_labels": 1, "likelihood": "pmi"},
+        "objective": {"name": "reward", "lm_weight": 0.5},
+        "train": {"max_steps": 8, "batch_size": 8, "lr": 3e-3, "scheduler": "constant", "eval_every": 8,
+                  "tensorboard": False, "precision": "fp32"},
+        "output": {"dir": str(run)},
+    }
+    result = tunelab.train(cfg, quiet=True)
+    assert result.status == "completed"
+    model, tok2 = tunelab.load(run)
+    assert is_reward_model(model) and model.likelihood_scale is not None
+    assert float(model.likelihood_scale.detach()) != 1.0  # it learned, and the learned value came back
+    template = resolve_template(None, tok2)
+    assert model.null_prompt().tolist() == list(tok2(render(tok2, template, [{"role": "user", "content": ""}],
+                                                             gen=True), add_special_tokens=False)["input_ids"])
+    records = pref_records(8, seed=2)
+    items = [(r["prompt"], r["chosen"]) for r in records] + [(r["prompt"], r["rejected"]) for r in records]
+    rewards = torch.tensor(rewards_of(model, tok2, items))
+    again, _ = tunelab.load(run)
+    torch.testing.assert_close(torch.tensor(rewards_of(again, tok2, items)), rewards)
+    m = tunelab.api.evaluate_task(run, str(evals))
+    assert m["accuracy"] == pytest.approx(float((rewards[:8] > rewards[8:]).double().mean()))
+
+
+def test_pmi_reward_subtracts_the_replys_likelihood_after_an_empty_user_turn(llama_dir, tok):
+    """method.likelihood=pmi: r = head + a * [log p(y | x) - log p(y | x0)], x0 the chat template's empty user
+    turn + assistant header; both log-probs from the causal LM on rows built by hand."""
+    from tunelab.data.preference import null_prompt_ids
+    from tunelab.objectives.preference import RewardRuntime
+
+    lm = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    template = resolve_template(None, tok)
+    null = list(tok(render(tok, template, [{"role": "user", "content": ""}], gen=True),
+                    add_special_tokens=False)["input_ids"])
+    assert null_prompt_ids(tok, template) == null
+    pairs = pairs_of(pref_records(3, seed=7), tok)
+    batch = collate([[ex] for ex in pairs], tok.pad_token_id, packed=False)
+    expected = []
+    with torch.no_grad():
+        for ex in [*pairs, *(ex.rejected for ex in pairs)]:
+            reply = trained(ex)
+            rows = [(ex.input_ids, ex.labels), (null + reply, [IGNORE] * len(null) + reply)]
+            lp = [naive_logps(lm(torch.tensor([ids])).logits, torch.tensor([lab]))[0][0] for ids, lab in rows]
+            expected.append(lp[0] - lp[1])
+    torch.manual_seed(0)
+    model = METHODS["head"].apply(lm, HeadConfig(num_labels=1, likelihood="pmi")).eval()
+    with pytest.raises(TunelabError, match="no null prompt"):
+        model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    RewardRuntime(context({"method": {"name": "head", "num_labels": 1, "likelihood": "pmi"},
+                           "objective": {"name": "reward"}}, model, tok))  # sets the null prompt
+    assert model.null_prompt().tolist() == null
+    with torch.no_grad():
+        model.likelihood_scale.fill_(0.5)
+        hidden = model.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        last = [max(i for i, m in enumerate(row) if m) for row in batch["attention_mask"].tolist()]
+        head = torch.stack([model.head(hidden[i, t]).double()[0] for i, t in enumerate(last)])
+        got = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).logits[:, 0]
+    torch.testing.assert_close(got.double(), head + 0.5 * torch.stack(expected), rtol=1e-5, atol=1e-4)
+    with pytest.raises(TunelabError, match="1 to 64"):
+        model.set_null_prompt(list(range(65)))

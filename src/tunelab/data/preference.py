@@ -65,3 +65,9 @@ def prompt_example(record: dict[str, Any], tokenizer: Any, template: ChatTemplat
     text = render(tokenizer, template, prompt_messages(record["prompt"]), gen=True)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return Example(ids, list(ids), where)
+
+
+def null_prompt_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """Token ids of an empty user turn followed by the assistant's header: the prompt a reply is
+    scored after for its likelihood without the real prompt (pmi reward heads)."""
+    return prompt_example({"prompt": ""}, tokenizer, template, "null prompt").input_ids

@@ -14,6 +14,22 @@ pool `last`: the hidden state of the last non-padding token, the only position o
 that has seen the whole text (the data ends every text with eos). pool `mean`: the mean over the
 non-padding tokens. Train with objective `classify`.
 
+`likelihood` (scalar reward heads only) adds what the model's own language model thinks of the
+reply, read through its LM head, with a learned weight a (1 at init, saved with the head):
+
+    reply:  r(x, y) = w . h + b + a * log p(y | x)
+    pmi:    r(x, y) = w . h + b + a * [log p(y | x) - log p(y | x0)]
+
+log p(y | x) sums the reply tokens' log-probs (the example's trained labels). x0 is the null prompt,
+an empty user turn rendered by the training chat template (set at training, saved with the head as
+`tunelab_null_prompt`): the pointwise mutual information of prompt and reply (Holtzman et al.,
+arXiv:2104.08315) keeps what the prompt makes likely (the right fact about this person) and cancels
+what is likely anyway (phrasing, length). A linear head on the last hidden state learns tone from a
+few hundred people but cannot check a fact about a person it was not trained on; the language
+model it starts from can. `reply` ranks fixed pairs best but rewards whatever the LM finds typical,
+so a policy optimised against it (PPO) is judged by typicality; `pmi` is the one for RL
+(docs/alignment.md has the numbers).
+
 Departures: ULMFiT's gradual unfreezing and discriminative learning rates are not implemented
 (`body: full` trains everything at one lr). A frozen body stays in eval mode (no dropout) and runs
 without autograd: it is a fixed feature extractor. If the LM head is tied to the input embeddings,
@@ -30,7 +46,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -56,6 +72,10 @@ class HeadConfig(MethodConfig):
         "adapters on every linear layer (peft), far fewer trainable weights than full")
     lora_r: int = Field(8, gt=0, description="LoRA rank of the body (body: lora)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha of the body (body: lora)")
+    likelihood: Literal["off", "reply", "pmi"] = Field(
+        "off", description="scalar head (num_labels: 1) only: add a learned multiple (1 at init) of the model's own "
+        "log-likelihood of the reply (reply), or of its pointwise mutual information with the prompt (pmi: minus "
+        "the reply's log-likelihood after an empty user turn), read through the LM head, to the reward")
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +84,11 @@ class HeadConfig(MethodConfig):
             return {**data, "num_labels": len(data["labels"])}
         return data
 
+    @field_validator("likelihood", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     @model_validator(mode="after")
     def _labels_match(self) -> HeadConfig:
         if self.labels is not None:
@@ -71,6 +96,8 @@ class HeadConfig(MethodConfig):
                 raise ValueError(f"labels {self.labels} repeat a name")
             if len(self.labels) != self.num_labels:
                 raise ValueError(f"num_labels={self.num_labels} but {len(self.labels)} labels are named")
+        if self.likelihood != "off" and self.num_labels != 1:
+            raise ValueError(f"likelihood: {self.likelihood} needs a scalar reward head (num_labels: 1)")
         return self
 
 
@@ -98,16 +125,78 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: 
     raise ValueError(f"unknown pooling {how!r}")
 
 
-class ClassifierModel(nn.Module):
-    """A causal LM's body (no LM head) + pooling + a linear classification head."""
+def reply_loglik(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of log p(label_t | tokens before t) over the trained labels (not -100) of each row,
+    through an LM head of weight (V, H); only the reply's positions go through the vocabulary."""
+    target = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = target != -100
+    logits = hidden[:, :-1][mask].float() @ lm_weight.float().T  # (N, V), N = trained tokens
+    logp = logits.log_softmax(-1).gather(1, target[mask].unsqueeze(1)).squeeze(1)  # (N,)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target)[mask]  # (N,)
+    return torch.zeros(labels.shape[0], device=hidden.device, dtype=logp.dtype).index_add(0, rows, logp)
 
-    def __init__(self, body: nn.Module, head: nn.Linear, pool: str, label_names: Sequence[str] | None = None):
+
+NULL_PROMPT_CAPACITY = 64  # tokens of the saved null prompt (an empty user turn + the assistant header)
+
+
+def null_rows(
+    prompt: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The replies of a batch (its trained labels) after `prompt` (P,) instead of their own prompts:
+    (input_ids, attention_mask, labels), right-padded, labels -100 on the prompt and padding."""
+    rows = [torch.cat([prompt, ids[lab != -100]]) for ids, lab in zip(input_ids, labels, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(ids)
+    out_labels = torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        out_labels[i, len(prompt) : len(r)] = r[len(prompt) :]
+    return ids, mask, out_labels
+
+
+class ClassifierModel(nn.Module):
+    """A causal LM's body (no LM head) + pooling + a linear classification head (+ optionally the LM
+    head, for a verifier reward: `likelihood`)."""
+
+    def __init__(
+        self, body: nn.Module, head: nn.Linear, pool: str, label_names: Sequence[str] | None = None,
+        lm_head: nn.Module | None = None, likelihood: str = "off",
+    ):
         super().__init__()
         self.body = body
         self.head = head
         self.pool = pool
         self.config = body.config  # max_position_embeddings etc., as evaluation reads them
         self.label_names = list(label_names) if label_names else None
+        self.lm_head = lm_head  # None when tied to the body's input embeddings (see lm_weight)
+        self.likelihood = likelihood
+        self.likelihood_scale = nn.Parameter(torch.ones((), device=head.weight.device)) if likelihood != "off" else None
+        if likelihood == "pmi":  # -1 = unset; filled by set_null_prompt
+            self.register_buffer("tunelab_null_prompt", torch.full((NULL_PROMPT_CAPACITY,), -1, dtype=torch.long,
+                                                                   device=head.weight.device))
+
+    def set_null_prompt(self, ids: Sequence[int]) -> None:
+        """The token ids a reply is scored after for `pmi` (an empty user turn and the assistant header)."""
+        if not 0 < len(ids) <= NULL_PROMPT_CAPACITY:
+            raise TunelabError(f"the null prompt has {len(ids)} tokens; a pmi reward head holds 1 to "
+                               f"{NULL_PROMPT_CAPACITY}", fix="use a chat template with a shorter empty turn, or "
+                               "method.likelihood=reply")
+        self.tunelab_null_prompt.fill_(-1)
+        self.tunelab_null_prompt[: len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+
+    def null_prompt(self) -> torch.Tensor:
+        prompt = self.tunelab_null_prompt[self.tunelab_null_prompt >= 0]
+        if not len(prompt):
+            raise TunelabError("this pmi reward head has no null prompt (it is set when objective reward trains it)",
+                               fix="train it with objective.name=reward, or call model.set_null_prompt(ids)")
+        return prompt
+
+    def lm_weight(self) -> torch.Tensor:
+        """(V, H) weight of the LM head: the model's own, else the input embeddings it was tied to."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        return self.body.get_input_embeddings().weight
 
     def body_trains(self) -> bool:
         return any(p.requires_grad for p in self.body.parameters())
@@ -121,12 +210,27 @@ class ClassifierModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, use_cache: bool | None = None, output_hidden_states: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput:
+        """`labels` (B, T): the reply's token ids, -100 elsewhere; read only by a `likelihood` head."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.body_trains()):
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
         pooled = pool_hidden(out.last_hidden_state, attention_mask, self.pool)  # (B, H)
-        return SequenceClassifierOutput(logits=self.head(pooled.to(self.head.weight.dtype)),  # (B, C)
+        logits = self.head(pooled.to(self.head.weight.dtype))  # (B, C)
+        if self.likelihood_scale is not None:
+            if labels is None:
+                raise TunelabError("this reward model adds the LM's log-likelihood of the reply (method.likelihood) "
+                                   "and needs the reply span (labels) to score",
+                                   fix="score (prompt, reply) pairs with tunelab score / tunelab.score")
+            loglik = reply_loglik(out.last_hidden_state, labels, self.lm_weight())  # (B,)
+            if self.likelihood == "pmi":
+                ids, mask, null_labels = null_rows(self.null_prompt(), input_ids, labels)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.body_trains()):
+                    null = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                loglik = loglik - reply_loglik(null, null_labels, self.lm_weight())
+            logits = logits + (self.likelihood_scale * loglik).unsqueeze(1).to(logits.dtype)
+        return SequenceClassifierOutput(logits=logits,
                                         hidden_states=(out.last_hidden_state,) if output_hidden_states else None)
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
@@ -156,14 +260,24 @@ def apply(model: nn.Module, cfg: HeadConfig) -> nn.Module:
     head = nn.Linear(_hidden_size(model), cfg.num_labels, device=ref.device, dtype=ref.dtype)
     nn.init.normal_(head.weight, std=float(getattr(model.config, "initializer_range", 0.02)))
     nn.init.zeros_(head.bias)
+    lm_head = None
+    if cfg.likelihood != "off":
+        lm_head = model.get_output_embeddings()
+        if lm_head is None:
+            raise TunelabError(f"{type(model).__name__} has no LM head to read the reply's likelihood from",
+                               fix="set method.likelihood=off")
+        if lm_head.weight is body.get_input_embeddings().weight:
+            lm_head = None  # tied: the body's embeddings are the LM head
     for p in body.parameters():
         p.requires_grad_(cfg.body == "full")
+    if lm_head is not None:
+        lm_head.requires_grad_(cfg.body == "full")
     if cfg.body == "lora":  # peft freezes the body and adds trainable low-rank adapters to its linear layers
         from peft import LoraConfig, get_peft_model
 
         body = get_peft_model(body, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                target_modules="all-linear"))
-    return ClassifierModel(body, head, cfg.pool, cfg.labels)
+    return ClassifierModel(body, head, cfg.pool, cfg.labels, lm_head, cfg.likelihood)
 
 
 register_method(

@@ -36,8 +36,11 @@ from torch import nn
 
 from tunelab.config import ObjectiveConfig
 from tunelab.data.collate import collate
+from tunelab.data.preference import null_prompt_ids
+from tunelab.data.templates import resolve_template
 from tunelab.errors import TunelabError
-from tunelab.objectives.alignment_losses import bradley_terry_loss, dpo_loss, sequence_logps, token_logps
+from tunelab.methods.heads import reply_loglik
+from tunelab.objectives.alignment_losses import bradley_terry_loss, dpo_loss, sequence_logps
 from tunelab.objectives.frozen import Reference
 from tunelab.objectives.lm import forward_logits
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
@@ -82,7 +85,8 @@ def _need_pairs(batch: dict[str, torch.Tensor], objective: str) -> None:
 
 def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor], out: Any = None) -> torch.Tensor:
     """(rows,) scalar rewards of a scalar-head model (`out`: its output for the batch, if already run)."""
-    out = out if out is not None else model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = out if out is not None else model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            labels=batch["labels"])
     logits = out.logits
     if logits.dim() != 2 or logits.shape[1] != 1:
         raise TunelabError(
@@ -96,7 +100,7 @@ def reward_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair losses (B,), r_chosen (B,), r_rejected (B,))."""
     _need_pairs(batch, "reward")
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 output_hidden_states=cfg.lm_weight > 0)
     r_chosen, r_rejected = split_pairs(reward_scores(model, batch, out))
     losses = bradley_terry_loss(r_chosen, r_rejected)
@@ -108,15 +112,16 @@ def reward_terms(
 
 
 def chosen_lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) mean next-token NLL of each chosen reply, scored through the tied input embeddings."""
+    """(B,) mean next-token NLL of each chosen reply, through the LM head (tied input embeddings,
+    or the head a `likelihood` reward model keeps)."""
     inner = getattr(model, "module", model)
-    if not getattr(inner.config, "tie_word_embeddings", False):
-        raise TunelabError("objective.lm_weight needs a model whose LM head is tied to its input embeddings",
+    if inner.lm_head is None and not getattr(inner.config, "tie_word_embeddings", False):
+        raise TunelabError("objective.lm_weight needs a model whose LM head is tied to its input embeddings "
+                           "(or a reward head with method.likelihood=true, which keeps the LM head)",
                            fix="set objective.lm_weight=0")
-    emb = inner.body.get_input_embeddings().weight  # (V, H)
     h, lab = split_pairs(hidden)[0], split_pairs(labels)[0]  # chosen rows (B, T, H), (B, T)
-    logp, mask = token_logps(h.float() @ emb.float().T, lab)  # (B, T-1)
-    return -(logp.sum(-1) / mask.sum(-1).clamp(min=1))
+    n = (lab[:, 1:] != -100).sum(-1).clamp(min=1)  # (B,)
+    return -reply_loglik(h, lab, inner.lm_weight()) / n
 
 
 def reward_loss(
@@ -129,6 +134,9 @@ def reward_loss(
 class RewardRuntime(Runtime):
     def __init__(self, ctx: RunContext):
         super().__init__(reward_loss, ctx.cfg.objective)
+        if getattr(ctx.model, "likelihood", "off") == "pmi":  # the null prompt, in the chat template of the data
+            template = resolve_template(ctx.cfg.data.chat_template, ctx.tokenizer)
+            ctx.model.set_null_prompt(null_prompt_ids(ctx.tokenizer, template))
         self.sums = StatSums()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
