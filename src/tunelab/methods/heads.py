@@ -52,7 +52,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from tunelab.config import MethodConfig
 from tunelab.data.collate import collate
-from tunelab.data.types import Example
+from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
 from tunelab.methods.registry import register_method
 
@@ -139,20 +139,13 @@ def reply_loglik(hidden: torch.Tensor, labels: torch.Tensor, lm_weight: torch.Te
 NULL_PROMPT_CAPACITY = 64  # tokens of the saved null prompt (an empty user turn + the assistant header)
 
 
-def null_rows(
-    prompt: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The replies of a batch (its trained labels) after `prompt` (P,) instead of their own prompts:
-    (input_ids, attention_mask, labels), right-padded, labels -100 on the prompt and padding."""
-    rows = [torch.cat([prompt, ids[lab != -100]]) for ids, lab in zip(input_ids, labels, strict=True)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
-    mask = torch.zeros_like(ids)
-    out_labels = torch.full_like(ids, -100)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = r, 1
-        out_labels[i, len(prompt) : len(r)] = r[len(prompt) :]
-    return ids, mask, out_labels
+def null_rows(prompt: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The replies of a batch (its trained labels) after `prompt` (P,) instead of their own prompts,
+    collated like any batch (data/collate.py): input_ids, attention_mask, labels (-100 on the prompt)."""
+    head = prompt.tolist()
+    replies = [ids[lab != IGNORE].tolist() for ids, lab in zip(input_ids, labels, strict=True)]
+    batch = collate([[Example(head + r, [IGNORE] * len(head) + r)] for r in replies], pad_id=0, packed=False)
+    return {k: v.to(input_ids.device) for k, v in batch.items()}
 
 
 class ClassifierModel(nn.Module):
@@ -213,25 +206,28 @@ class ClassifierModel(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput:
         """`labels` (B, T): the reply's token ids, -100 elsewhere; read only by a `likelihood` head."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.body_trains()):
-            out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
-        pooled = pool_hidden(out.last_hidden_state, attention_mask, self.pool)  # (B, H)
+        hidden = self._hidden(input_ids, attention_mask, position_ids)  # (B, T, H)
+        pooled = pool_hidden(hidden, attention_mask, self.pool)  # (B, H)
         logits = self.head(pooled.to(self.head.weight.dtype))  # (B, C)
         if self.likelihood_scale is not None:
             if labels is None:
                 raise TunelabError("this reward model adds the LM's log-likelihood of the reply (method.likelihood) "
                                    "and needs the reply span (labels) to score",
                                    fix="score (prompt, reply) pairs with tunelab score / tunelab.score")
-            loglik = reply_loglik(out.last_hidden_state, labels, self.lm_weight())  # (B,)
+            loglik = reply_loglik(hidden, labels, self.lm_weight())  # (B,)
             if self.likelihood == "pmi":
-                ids, mask, null_labels = null_rows(self.null_prompt(), input_ids, labels)
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self.body_trains()):
-                    null = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                loglik = loglik - reply_loglik(null, null_labels, self.lm_weight())
+                null = null_rows(self.null_prompt(), input_ids, labels)
+                null_hidden = self._hidden(null["input_ids"], null["attention_mask"])
+                loglik = loglik - reply_loglik(null_hidden, null["labels"], self.lm_weight())
             logits = logits + (self.likelihood_scale * loglik).unsqueeze(1).to(logits.dtype)
-        return SequenceClassifierOutput(logits=logits,
-                                        hidden_states=(out.last_hidden_state,) if output_hidden_states else None)
+        return SequenceClassifierOutput(logits=logits, hidden_states=(hidden,) if output_hidden_states else None)
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H) last hidden states of the body; no autograd through a frozen body."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.body_trains()):
+            return self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.body.gradient_checkpointing_enable(**kwargs)

@@ -117,7 +117,7 @@ def chosen_lm_loss(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor)
     inner = getattr(model, "module", model)
     if inner.lm_head is None and not getattr(inner.config, "tie_word_embeddings", False):
         raise TunelabError("objective.lm_weight needs a model whose LM head is tied to its input embeddings "
-                           "(or a reward head with method.likelihood=true, which keeps the LM head)",
+                           "(or a reward head with method.likelihood=reply or pmi, which keeps the LM head)",
                            fix="set objective.lm_weight=0")
     h, lab = split_pairs(hidden)[0], split_pairs(labels)[0]  # chosen rows (B, T, H), (B, T)
     n = (lab[:, 1:] != -100).sum(-1).clamp(min=1)  # (B,)
