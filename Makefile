@@ -1,18 +1,22 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (ruff + pytest).
+# Both install from requirements/lock.txt: the exact dependency set the suite last passed with.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# This machine has a local CPU wheel of torch 2.13.0; an unpinned torch would pull CUDA builds.
-# On a machine with its own torch, run `make TORCH_SPEC= test`.
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements/lock.txt
+# The torch the lock pins: this machine's CPU build (a local wheel pip finds through its find-links).
+# An unpinned torch would pull CUDA builds. Elsewhere: README "Installing without the lock".
+TORCH_PIN := requirements/torch-cpu.txt
+# uv does not read pip's config: hand it pip's find-links (where the CPU torch wheel lies).
+FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+LATEST := .venv-latest
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench lock test-latest clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,5 +33,23 @@ test: lint
 bench: install
 	$(BIN)/python bench/throughput.py
 
+# Regenerate the lock from pyproject.toml's ranges (newest versions they allow, torch from $(TORCH_PIN)).
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --constraint $(TORCH_PIN) \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	  --custom-compile-command "make lock" $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) -o $(LOCK)
+
+# The suite against the newest releases the ranges allow (no lock; torch stays $(TORCH_PIN)),
+# to see an upstream break before users do. Not part of .ci/run.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(TORCH_PIN) -e ".[dev]"
+	$(LATEST)/bin/python -m pip list --format freeze > $(LATEST)/versions.txt
+	grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers)==' $(LATEST)/versions.txt
+	$(LATEST)/bin/ruff check src tests bench
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) runs .pytest_cache .ruff_cache

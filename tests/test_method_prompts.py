@@ -14,7 +14,7 @@ from tests import tiny
 from tests.test_train_loop import run_cfg
 from tunelab import api
 from tunelab.config import ModelConfig, build_config
-from tunelab.eval.generation import greedy
+from tunelab.eval.generation import encode_prompt, generate_ids, greedy, stop_token_ids
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.artifacts import save_artifact
 from tunelab.objectives import lm
@@ -128,6 +128,42 @@ def test_batched_greedy_equals_one_by_one(runs, name):
     batched = greedy(model, tok, prompts, max_new_tokens=6, batch_size=4, chat=True)
     alone = [greedy(model, tok, [p], max_new_tokens=6, chat=True)[0] for p in prompts]
     assert batched == alone
+
+
+def no_cache_greedy(model, ids: list[int], n: int, stops: list[int]) -> list[int]:
+    """The naive reference: one full forward per new token, no KV cache, argmax, stop token kept."""
+    ids, new = list(ids), []
+    for _ in range(n):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            nxt = int(model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0, -1].argmax())
+        new.append(nxt)
+        ids.append(nxt)
+        if nxt in stops:
+            break
+    return new
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt", "ptuning"])
+def test_cached_generation_equals_the_no_cache_reference(llama_dir, name):
+    """transformers 5.24 renamed the KV cache argument: peft's prefix was dropped and virtual tokens
+    were injected again at every step. Greedy with the cache, batched and alone, must equal the
+    reference (random non-zero virtual tokens, so a dropped prefix changes the reply)."""
+    torch.manual_seed(0)
+    cfg = build_config({"method": {"name": name, "num_virtual_tokens": 4}}).method
+    model = METHODS[name].apply(AutoModelForCausalLM.from_pretrained(str(llama_dir)), cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    tok = tiny.tokenizer()
+    prompts = ["what colour is the lamp?", "what colour is the river? tell me now", "what?"]
+    encoded = [encode_prompt(tok, p, chat=True) for p in prompts]
+    want = [no_cache_greedy(model, ids, 8, stop_token_ids(model, tok)) for ids in encoded]
+    assert generate_ids(model, tok, encoded, max_new_tokens=8, batch_size=3) == want
+    assert [generate_ids(model, tok, [ids], max_new_tokens=8)[0] for ids in encoded] == want
+    base = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+    assert want != [no_cache_greedy(base, ids, 8, stop_token_ids(base, tok)) for ids in encoded]
 
 
 @pytest.mark.parametrize("name", ["prefix", "prompt", "ptuning"])

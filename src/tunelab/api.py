@@ -244,19 +244,14 @@ def generate(
 ) -> str:
     """Reply to `prompt` (a user turn through the chat template, when there is one; else raw text).
     Greedy by default; `temperature > 0` samples."""
-    from tunelab.eval.generation import encode_prompt, stop_token_ids
+    from tunelab.eval.generation import encode_prompt, generate_ids
 
     model, tok = load(model_path)
-    model.eval()
-    ids = torch.tensor([encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))])
+    ids = encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))
     torch.manual_seed(seed)
-    sample = temperature > 0
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=sample,
-        temperature=temperature if sample else None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
-        eos_token_id=stop_token_ids(model, tok),
-    )
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    (reply,) = generate_ids(model, tok, [ids], max_new_tokens=max_new_tokens,
+                            temperature=temperature if temperature > 0 else None)
+    return tok.decode(reply, skip_special_tokens=True).strip()
 
 
 def score(model_path: str | Path, data: str, *, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:

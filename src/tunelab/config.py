@@ -194,6 +194,27 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (`tunelab train sft-lora` finds one by name)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """A config file: `path` itself when it exists, else a shipped config of that name (`sft-lora`,
+    `sft-lora.yaml`); a name that is neither is an error listing the shipped ones."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    shipped = SHIPPED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"{p}: no such config file, and no shipped config of that name",
+                      fix="pass the path of a YAML file, or a shipped config: " + ", ".join(shipped_configs()))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -231,6 +252,7 @@ def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    path = config_path(path) if path is not None else None
     raw = read_yaml(path) if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build_config(raw, str(path) if path is not None else "<overrides>")

@@ -18,17 +18,19 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab import api
+from tunelab.config import SHIPPED_CONFIGS
 from tunelab.errors import TunelabError
 from tunelab.eval.probe import forgetting
 from tunelab.eval.tasks import evaluate_task
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sft-lora.yaml"
+CONFIG = SHIPPED_CONFIGS / "sft-lora.yaml"
 TASK = "tinyworld:qa@test"
 
 
 def recipe() -> Path:
     if not CONFIG.is_file():
-        raise TunelabError(f"{CONFIG}: the demo's config is missing", fix="run the demo from a tunelab source checkout")
+        raise TunelabError(f"{CONFIG}: the demo's config is missing from the installed package",
+                           fix="reinstall tunelab (pip install --force-reinstall tunelab)")
     return CONFIG
 
 

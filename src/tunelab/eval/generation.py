@@ -9,7 +9,8 @@ the result equals generating each prompt alone (tested).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -91,7 +92,7 @@ def generate_ids(
     pad = pad_id(tokenizer)
     sample = temperature is not None
     out_rows: dict[int, list[int]] = {}
-    with _eval_mode(model):
+    with _eval_mode(model), _cache_name_bridge(model):
         for batch in _batches(list(encoded), batch_size, same_length=_virtual_tokens_first(model)):
             input_ids, mask = _left_pad([list(encoded[i]) for i in batch], pad, _device(model))
             out = model.generate(
@@ -103,6 +104,43 @@ def generate_ids(
                 cut = _until_stop(row, stops)
                 out_rows[i] = row[: len(cut) + 1] if len(cut) < len(row) else cut
     return [out_rows[i] for i in range(len(encoded))]
+
+
+@contextmanager
+def _cache_name_bridge(model: nn.Module) -> Iterator[None]:
+    """Let peft's prompt-learning generation see the KV cache under the name it knows.
+
+    peft (0.21) injects the prefix (prefix tuning) or the virtual-token embeddings (prompt,
+    P-tuning) by reading and writing `past_key_values` in `prepare_inputs_for_generation`;
+    transformers >= 5.24 names the cache `cache` there and in `forward`, and drops
+    `past_key_values` when both are set. Without this bridge peft never sees the cache: the prefix
+    is ignored and virtual tokens are injected again at every step (measured: greedy replies
+    differ from a no-cache greedy reference from the second token on). The bridge renames on the
+    way into peft's logic and back on the way to the model; on an older transformers it does nothing."""
+    base_prepare = getattr(model, "base_model_prepare_inputs_for_generation", None)
+    cfg = getattr(model, "active_peft_config", None)
+    if (base_prepare is None or not getattr(cfg, "is_prompt_learning", False)
+            or "cache" not in inspect.signature(model.get_base_model().forward).parameters):
+        yield
+        return
+    peft_prepare = model.prepare_inputs_for_generation
+    model.base_model_prepare_inputs_for_generation = _renaming(base_prepare, "cache", "past_key_values")
+    model.prepare_inputs_for_generation = _renaming(peft_prepare, "past_key_values", "cache")
+    try:
+        yield
+    finally:
+        model.base_model_prepare_inputs_for_generation = base_prepare
+        del model.prepare_inputs_for_generation  # the class's method again
+
+
+def _renaming(fn: Callable[..., dict[str, Any]], old: str, new: str) -> Callable[..., dict[str, Any]]:
+    """`fn` whose returned kwargs carry `old`'s value under `new`."""
+    def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = fn(*args, **kwargs)
+        if old in out:
+            out[new] = out.pop(old)
+        return out
+    return call
 
 
 def _virtual_tokens_first(model: nn.Module) -> bool:

@@ -17,20 +17,18 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
 from tunelab.bpe import train_bpe
-from tunelab.config import deep_merge, read_yaml
+from tunelab.config import SHIPPED_CONFIGS, config_path, deep_merge, read_yaml
 from tunelab.errors import TunelabError
 from tunelab.world.chat import IM_END
 from tunelab.world.corpus import make_corpus
 from tunelab.world.generator import make_world
 
-RECIPE = Path(__file__).resolve().parents[3] / "configs" / "tunelab-tiny.yaml"
+RECIPE = SHIPPED_CONFIGS / "tunelab-tiny.yaml"
 def load_recipe(path: str | Path | None = None) -> dict[str, Any]:
-    """The recipe YAML (default: configs/tunelab-tiny.yaml of the source checkout); a partial
-    recipe is completed from the default one."""
-    if not RECIPE.is_file():
-        raise TunelabError(f"{RECIPE}: the tunelab-tiny recipe is missing", fix="run from a source checkout")
+    """The recipe YAML (default: the shipped configs/tunelab-tiny.yaml); a partial recipe is
+    completed from the default one."""
     recipe = read_yaml(RECIPE)
-    return deep_merge(recipe, read_yaml(path)) if path else recipe
+    return deep_merge(recipe, read_yaml(config_path(path))) if path else recipe
 
 
 def write_corpus(world_seed: int, path: Path, **corpus: Any) -> list[str]:
