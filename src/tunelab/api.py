@@ -17,6 +17,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from tunelab import owned
 from tunelab.config import (
     DataConfig,
     ModelConfig,
@@ -34,7 +35,7 @@ from tunelab.errors import ResumeError, TunelabError
 from tunelab.eval.metrics import evaluate_loss
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.artifacts import is_delta, load_delta, load_delta_config, save_artifact
-from tunelab.models import load_model, load_tokenizer, model_config, resolve_path
+from tunelab.models import check_weight_files, load_model, load_tokenizer, model_config, resolve_path
 from tunelab.objectives import OBJECTIVES
 from tunelab.training import checkpoint
 from tunelab.training.loop import Loop, TrainResult
@@ -75,8 +76,15 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_SAFE)
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool) -> Path | None:
-    """Returns the checkpoint to resume from (None for a fresh run)."""
+# Everything tunelab writes at the top of a run dir: `--overwrite` deletes these and nothing else.
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final",
+                         "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png"})
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool,
+                     force: bool = False) -> Path | None:
+    """Returns the checkpoint to resume from (None for a fresh run). A fresh run claims its folder
+    (owned.claim): an earlier run there is deleted only with `overwrite`, and only its own entries."""
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
     if resume:
@@ -91,25 +99,28 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrit
                 fix="resume with the run's own config (tunelab train RUN_DIR --resume), or pass --allow-changed",
             )
         return ckpt
-    if (run_dir / "config.yaml").exists() or checkpoint.latest(ckpt_root) is not None:
-        if not overwrite:
-            raise ResumeError(
-                f"{run_dir} already holds a run",
-                fix="pass --resume to continue it, --overwrite to start over, or set output.dir elsewhere",
-            )
-        shutil.rmtree(run_dir)
+    holds_run = owned.state(run_dir, "run", RUN_ENTRIES) == "owned" and any(
+        (run_dir / e).exists() for e in owned.owned_entries(run_dir, RUN_ENTRIES))
+    if holds_run and not overwrite:
+        raise ResumeError(
+            f"{run_dir} already holds a run",
+            fix="pass --resume to continue it, --overwrite to start over, or set output.dir elsewhere",
+        )
+    owned.claim(run_dir, "run", sorted(RUN_ENTRIES), what="output.dir", replace=True, force=force,
+                legacy=RUN_ENTRIES)
     return None
 
 
 def train(
     config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False,
-    allow_changed: bool = False, overwrite: bool = False, quiet: bool = False,
+    allow_changed: bool = False, overwrite: bool = False, quiet: bool = False, force: bool = False,
 ) -> TrainResult:
-    """Train per the config; returns the run directory, its status and final metrics."""
+    """Train per the config; returns the run directory, its status and final metrics. `force`: write
+    the run into a non-empty folder tunelab did not make, beside its files (none is deleted)."""
     cfg = resolve_config(config, overrides)
     if cfg.data.train is None:
         raise TunelabError("data.train is not set", fix="set data.train to a dataset path")
-    ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite)
+    ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite, force)
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(run_dir, quiet=quiet, log_every=cfg.train.log_every)
@@ -176,6 +187,7 @@ def load(
 
 
 def _load_model_dir(p: Path, cfg: ModelConfig, training: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    check_weight_files(p)
     if is_delta(p):
         return load_delta(p, training), load_tokenizer(cfg, str(p))
     adapter = p / "adapter_config.json"
@@ -268,15 +280,29 @@ def score(model_path: str | Path, data: str, *, limit: int | None = None, batch_
     return score_records(model, tokenizer, records, batch_size=batch_size)
 
 
-def export(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:
+def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False) -> Path:
     """Write a run's final model to `out`: as it is (adapter, delta or full model), or with
-    `merge` folded into the base weights as a plain transformers model."""
+    `merge` folded into the base weights as a plain transformers model.
+
+    Written beside `out` and renamed into place (owned.install): a previous export there is
+    replaced, a folder tunelab did not write is refused (with `force`: written beside its files)."""
     src = Path(run) / "final" if (Path(run) / "config.yaml").is_file() else Path(run)
     out = Path(out)
-    if not merge:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(src, out)
-        return out
+    owned.preflight(out, "export", what="--out", force=force)
+    check_weight_files(src)
+    tmp = owned.staging(out)
+    try:
+        if merge:
+            _save_merged(run, src, tmp)
+        else:
+            shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
+    except BaseException:
+        owned.remove(tmp)
+        raise
+    return owned.install(tmp, out, "export", what="--out", force=force)
+
+
+def _save_merged(run: str | Path, src: Path, out: Path) -> None:
     model, tok = load(run)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
@@ -286,13 +312,8 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:
             raise TunelabError(f"method {method_cfg.name!r} cannot be merged into the base weights",
                                fix="export without --merge: the method's own format loads with tunelab.load")
         model = METHODS[method_cfg.name].merge(model, method_cfg)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
 
 
 def data_check(config: ConfigLike, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -30,14 +30,17 @@ def train(
     overrides: list[str] = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
     allow_changed: bool = typer.Option(False, "--allow-changed", help="resume even if config or data changed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run in output.dir first"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over: delete the run tunelab wrote in "
+                                   "output.dir first (only its own files)"),
+    force: bool = typer.Option(False, "--force", help="write the run into a non-empty folder tunelab did not "
+                               "make, beside its files (none is deleted)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a model. Exit 0: every step applied; 75: stopped by a signal, checkpointed (--resume)."""
     from tunelab import api
 
     result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,
-                       overwrite=overwrite, quiet=quiet)
+                       overwrite=overwrite, quiet=quiet, force=force)
     raise typer.Exit(result.exit_code)
 
 
@@ -119,11 +122,14 @@ def export(
     run: str = typer.Argument(..., help="run dir (or adapter dir)"),
     out: str = typer.Option(..., "--out"),
     merge: bool = typer.Option(False, "--merge", help="merge the adapter into a plain transformers model"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty folder tunelab did not make, beside "
+                               "its files (none is deleted or replaced)"),
 ) -> None:
-    """Export a trained model: its adapter, or merged into the base."""
+    """Export a trained model: its adapter, or merged into the base. A previous export in --out is
+    replaced; a folder with other files is refused (see --force)."""
     from tunelab import api
 
-    typer.echo(str(api.export(run, out, merge=merge)))
+    typer.echo(str(api.export(run, out, merge=merge, force=force)))
 
 
 @data_app.command("check")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
@@ -71,6 +72,35 @@ def check_weights_safe(path: str, allow_pickle: bool) -> None:
         )
 
 
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Refuse weight files that are links out of their folder (a shared model folder whose
+    `model.safetensors` points at another file would read that file, and an export would copy it;
+    links into the folder and the Hugging Face cache's snapshot -> blobs links are fine), and
+    safetensors files that are truncated or corrupt, naming the file."""
+    p = Path(folder)
+    if not p.is_dir():
+        return
+    home = p.resolve()
+    for f in sorted(p.iterdir()):
+        if f.suffix not in WEIGHT_SUFFIXES or not f.is_symlink():
+            continue
+        target = f.resolve()
+        if home in target.parents or target.parent == home.parent.parent / "blobs":
+            continue
+        raise UnsafeFileError(f"{f}: a link to {target}, outside the model folder; refusing to read it",
+                              fix="replace the link by the file itself (cp --dereference), if you trust it")
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):  # reads and checks the header and the file's length
+                pass
+        except (SafetensorError, OSError) as e:
+            raise TunelabError(f"{f}: not a complete safetensors file ({e})",
+                               fix="the file is truncated or corrupt: copy, download or export it again") from None
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
     path = path or resolve_path(cfg.name_or_path)
     try:
@@ -89,6 +119,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
 def load_model(cfg: ModelConfig, path: str | None = None, *, training: bool = True) -> nn.Module:
     path = path or resolve_path(cfg.name_or_path)
     check_weights_safe(path, cfg.allow_pickle)
+    check_weight_files(path)
     kwargs: dict[str, Any] = {
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,

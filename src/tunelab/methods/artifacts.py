@@ -12,7 +12,6 @@ Everything is safetensors + JSON; the tokenizer is saved beside it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,17 @@ from torch import nn
 
 from tunelab.config import ModelConfig
 from tunelab.methods.registry import METHODS
+from tunelab.owned import staging, swap
 
 METHOD_FILE = "tunelab_method.json"
 STATE_FILE = "method.safetensors"
 
 
 def save_artifact(model: nn.Module, tokenizer: Any, method_cfg: Any, base: ModelConfig, out: Path) -> None:
-    """Write atomically: a temp dir renamed into place."""
+    """Write atomically: `<out>.tmp-save` renamed into place (owned.swap). `out` is a folder of
+    tunelab's own (a run's `final`), so a previous artifact there is replaced."""
     spec = METHODS[method_cfg.name]
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(out, tag="save")
     if isinstance(model, PeftModel) or spec.artifact in ("peft", "full"):
         model.save_pretrained(str(tmp), safe_serialization=True)
     else:
@@ -40,8 +39,7 @@ def save_artifact(model: nn.Module, tokenizer: Any, method_cfg: Any, base: Model
         meta = {"method": method_cfg.model_dump(mode="json"), "base_model": base.model_dump(mode="json")}
         (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    swap(tmp, out, tag="save")
 
 
 def is_delta(path: Path) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
+from tunelab import owned
 from tunelab.bpe import train_bpe
 from tunelab.config import SHIPPED_CONFIGS, config_path, deep_merge, read_yaml
 from tunelab.errors import TunelabError
@@ -64,14 +65,15 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         recipe["run"] = deep_merge(recipe["run"], {"train": {"max_steps": steps}})
     out = Path(out)
     work = out.with_name(out.name + ".work")
+    owned.preflight(out, "model", what="--out", force=False)  # refused now, not after the build
     t0 = time.perf_counter()
     if resume and (work / "run" / "config.yaml").is_file():
         docs = [json.loads(line)["text"] for line in (work / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
         tok = AutoTokenizer.from_pretrained(str(work / "init"))
     else:
         resume = False
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        owned.claim(work, "build", ["corpus.jsonl", "init", "run"], what="the build's work folder", replace=True,
+                    force=False)
         docs = write_corpus(recipe["seed"], work / "corpus.jsonl", **recipe.get("corpus", {}))
         tok = train_bpe(docs, vocab_size=recipe["vocab_size"])
         init_model(work / "init", tok, recipe["architecture"], recipe["seed"])
@@ -86,10 +88,10 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         raise TunelabError(f"the build was interrupted at step {result.steps}",
                            fix=f"continue it: tunelab world build-base --out {out} --resume")
     wall = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(work / "run" / "final", out)
+    tmp = owned.staging(out)
+    shutil.copytree(work / "run" / "final", tmp, dirs_exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(work / "init"))
-    model.generation_config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(tmp))
     summary = json.loads((work / "run" / "summary.json").read_text())
     stats = {
         "parameters": summary["total"], "corpus_documents": len(docs), "corpus_characters": sum(map(len, docs)),
@@ -97,9 +99,10 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         "wall_seconds": round(wall, 1), "final_train_loss": round(result.metrics.get("loss", float("nan")), 4),
         "recipe": recipe,
     }
-    stats["eval"] = evaluate_base(out, limit=eval_limit)
-    (out / "build.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
-    write_card(out, stats)
+    stats["eval"] = evaluate_base(tmp, limit=eval_limit)
+    (tmp / "build.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    write_card(tmp, stats)
+    owned.install(tmp, out, "model", what="--out", force=False)
     return stats
 
 
