@@ -175,6 +175,7 @@ def test_a_run_from_before_markers_can_still_be_overwritten(llama_dir, chat_data
     out = tmp_path / "r"
     assert train_cli(capsys, llama_dir, chat_data, out)[0] == 0
     (out / owned.MARKER).unlink()
+    (out / "demo.json").write_text("{}")  # `tunelab demo` writes it into its run
     assert owned.state(out, "run", tunelab.api.RUN_ENTRIES) == "owned"
     assert train_cli(capsys, llama_dir, chat_data, out, "--overwrite")[0] == 0
 

@@ -78,7 +78,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 # Everything tunelab writes at the top of a run dir: `--overwrite` deletes these and nothing else.
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final",
-                         "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png"})
+                         "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png", "demo.json"})
 
 
 def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool,
