@@ -26,6 +26,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -49,6 +50,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip list --format freeze > $(LATEST)/versions.txt
 	grep -iE '^(torch|transformers|peft|accelerate|datasets|tokenizers)==' $(LATEST)/versions.txt
 	$(LATEST)/bin/ruff check src tests bench
+	$(LATEST)/bin/lint-imports
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 clean:

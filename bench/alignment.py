@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tunelab import api  # noqa: E402
 from tunelab.data.sources import read_records  # noqa: E402
-from tunelab.eval.generation import greedy  # noqa: E402
-from tunelab.eval.reward import judge, rewards_of, score_records  # noqa: E402
-from tunelab.eval.tasks import evaluate_task  # noqa: E402
+from tunelab.eval.suite import evaluate_task  # noqa: E402
+from tunelab.inference.generation import greedy  # noqa: E402
+from tunelab.inference.reward import judge, rewards_of, score_records  # noqa: E402
 from tunelab.world.prefs import score_response  # noqa: E402
 from tunelab.world.resolve import resolve_task  # noqa: E402
 
@@ -201,7 +201,7 @@ def main() -> None:
         by_budget[steps] = pair
     distill = runs / f"student-distill-{BUDGETS[-1]}"
     from tunelab.config import ModelConfig
-    from tunelab.models import load_model, load_tokenizer
+    from tunelab.modeling.load import load_model, load_tokenizer
 
     init_cfg = ModelConfig(keep_layers=json.loads(STUDENT_LAYERS))
     init = (load_model(init_cfg, training=False), load_tokenizer(init_cfg))

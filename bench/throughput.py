@@ -29,11 +29,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tunelab import api
-from tunelab.bpe import train_bpe
 from tunelab.config import DataConfig
 from tunelab.data.pipeline import load_tokenized
-from tunelab.models import ModelConfig, load_tokenizer
-from tunelab.training.stream import epoch_rows
+from tunelab.data.stream import epoch_rows
+from tunelab.modeling.bpe import train_bpe
+from tunelab.modeling.load import ModelConfig, load_tokenizer
 
 WORDS = "the a river stone cloud lamp chair road seed boat bell door kite red blue green amber violet".split()
 WARMUP = 3

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tunelab.config import build_config, load_config
 from tunelab.methods import METHODS, count_parameters
-from tunelab.models import resolve_path
-from tunelab.world.base import load_recipe
+from tunelab.modeling.load import resolve_path
+from tunelab.recipes.build_base import load_recipe
+from tunelab.runconfig import build_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

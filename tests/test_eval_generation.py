@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tunelab.eval.generation import continuation_logprobs, greedy, stop_token_ids
+from tunelab.inference.generation import continuation_logprobs, greedy, stop_token_ids
 from tunelab.world.chat import IM_END
 
 

@@ -18,12 +18,12 @@ from tunelab import api
 from tunelab.cli import main
 from tunelab.errors import DataError, TunelabError
 from tunelab.eval.probe import forgetting, run_probe
+from tunelab.eval.suite import evaluate_task
 from tunelab.eval.tasks import (
     CLASSIFICATION_PROMPT,
     cloze_correct,
     contains_answer,
     evaluate_records,
-    evaluate_task,
     exact_match,
     infer_kind,
     normalize,
@@ -270,10 +270,10 @@ def test_cli_world_tasks(capsys, tmp_path):
 
 
 def test_cli_world_build_base_passes_its_options(capsys, monkeypatch, tmp_path):
-    import tunelab.world.base
+    import tunelab.recipes.build_base
 
     calls = []
-    monkeypatch.setattr(tunelab.world.base, "build_base",
+    monkeypatch.setattr(tunelab.recipes.build_base, "build_base",
                         lambda out, recipe, steps=None, resume=False: calls.append((out, recipe, steps))
                         or {"steps": steps})
     code, out, _ = cli(capsys, "world", "build-base", "--out", str(tmp_path / "b"), "--steps", "3")

@@ -20,8 +20,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
     import tomli as tomllib
 
-from tunelab.config import SHIPPED_CONFIGS, config_path, load_config, shipped_configs
+from tunelab.config import SHIPPED_CONFIGS, config_path, shipped_configs
 from tunelab.errors import ConfigError
+from tunelab.runconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"

@@ -16,8 +16,9 @@ from tests import tiny
 from tunelab.cli import main
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
-from tunelab.eval.reward import is_reward_model, rewards_of
-from tunelab.models import decoder_layers, keep_layers, load_model
+from tunelab.inference.reward import rewards_of
+from tunelab.modeling.heads import is_reward_model
+from tunelab.modeling.load import decoder_layers, keep_layers, load_model
 
 IDS = torch.tensor([[5, 17, 42, 9, 88, 130, 7, 61]])
 

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests import tiny
-from tunelab.config import build_config
 from tunelab.methods import METHODS, count_parameters
+from tunelab.runconfig import build_config
 
 
 def _lora(model, **kw):

@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
-from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.methods.adalora import orth_penalty
+from tunelab.runconfig import build_config
 
 SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "total_step": 6,
             "target_modules": ["q_proj", "v_proj"]}

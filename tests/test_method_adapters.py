@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests import tiny
-from tunelab.config import build_config
 from tunelab.methods import METHODS, count_parameters
 from tunelab.methods.adapters import Bottleneck, adapter_sites
+from tunelab.runconfig import build_config
 
 NAIVE_ACT = {
     "relu": lambda z: torch.where(z > 0, z, torch.zeros_like(z)),

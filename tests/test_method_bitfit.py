@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests import tiny
-from tunelab.config import build_config
 from tunelab.methods import METHODS, count_parameters
+from tunelab.runconfig import build_config
 
 LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LLAMA_MLP = ["gate_proj", "up_proj", "down_proj"]

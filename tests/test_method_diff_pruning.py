@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
-from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
+from tunelab.runconfig import build_config
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
 EPS = 1e-6  # the method clamps u to [EPS, 1 - EPS]

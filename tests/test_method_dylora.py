@@ -15,10 +15,10 @@ from transformers.pytorch_utils import Conv1D
 
 import tunelab
 from tests import tiny
-from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.methods.dylora import DyLoraConfig, DyLoraLinear, RankState, rank_state, set_rank
+from tunelab.runconfig import build_config
 
 
 def _dylora(model, **kw):

@@ -12,18 +12,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
-from tunelab.config import DataConfig, ModelConfig, build_config, load_config
+from tunelab.artifacts import save_artifact
+from tunelab.config import DataConfig, ModelConfig
 from tunelab.data.collate import collate
 from tunelab.data.pipeline import load_tokenized
+from tunelab.data.stream import BatchStream
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import ConfigError, DataError, TunelabError
-from tunelab.eval.tasks import evaluate_task
+from tunelab.eval.suite import evaluate_task
 from tunelab.methods import METHODS, count_parameters
-from tunelab.methods.artifacts import save_artifact
-from tunelab.methods.heads import ClassifierModel, FeaturesConfig, HeadConfig, pool_hidden
+from tunelab.methods.heads import FeaturesConfig, HeadConfig
+from tunelab.modeling.heads import ClassifierModel, pool_hidden
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.classify import ClassifyConfig, classification_loss
-from tunelab.training.stream import BatchStream
+from tunelab.runconfig import build_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GOOD = ["good", "great", "lovely", "fine"]

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from tests import tiny
-from tunelab.config import build_config
 from tunelab.methods import METHODS
 from tunelab.methods.krona import KronaLinear, factor_pair, kron_matvec
+from tunelab.runconfig import build_config
 
 
 def naive_kron(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
-from tunelab.config import build_config
 from tunelab.methods import METHODS
+from tunelab.runconfig import build_config
 
 DENSITY = 0.05
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

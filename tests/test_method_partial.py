@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests import tiny
-from tunelab.config import build_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import METHODS
 from tunelab.methods.partial import decoder_layers
+from tunelab.runconfig import build_config
 
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "gemma": "model.layers",
           "phi3": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}

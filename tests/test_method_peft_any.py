@@ -14,12 +14,13 @@ import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
 from tunelab import api
-from tunelab.config import ModelConfig, build_config, load_config
+from tunelab.artifacts import save_artifact
+from tunelab.config import ModelConfig
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import METHODS, count_parameters
-from tunelab.methods.artifacts import save_artifact
-from tunelab.models import resolve_path
-from tunelab.world.base import load_recipe
+from tunelab.modeling.load import resolve_path
+from tunelab.recipes.build_base import load_recipe
+from tunelab.runconfig import build_config, load_config
 
 TYPES = {
     "DORA": {"r": 4, "lora_alpha": 8},

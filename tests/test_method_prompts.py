@@ -13,11 +13,12 @@ import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
 from tunelab import api
-from tunelab.config import ModelConfig, build_config
-from tunelab.eval.generation import encode_prompt, generate_ids, greedy, stop_token_ids
+from tunelab.artifacts import save_artifact
+from tunelab.config import ModelConfig
+from tunelab.inference.generation import encode_prompt, generate_ids, greedy, stop_token_ids
 from tunelab.methods import METHODS, count_parameters
-from tunelab.methods.artifacts import save_artifact
 from tunelab.objectives import lm
+from tunelab.runconfig import build_config
 
 N = 20  # virtual tokens in the closed-form checks
 

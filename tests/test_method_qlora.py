@@ -13,10 +13,11 @@ import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
 from tunelab import api
-from tunelab.config import ModelConfig, build_config
+from tunelab.artifacts import save_artifact
+from tunelab.config import ModelConfig
 from tunelab.methods import METHODS
-from tunelab.methods.artifacts import save_artifact
 from tunelab.methods.qlora import bytes_per_param, dequantize_, load_4bit, merge, quantize_
+from tunelab.runconfig import build_config
 
 bnb = pytest.importorskip("bitsandbytes")  # the `qlora` extra
 

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import tunelab
 from tests import tiny
 from tests.test_train_loop import run_cfg
-from tunelab.config import build_config
 from tunelab.methods import METHODS
+from tunelab.runconfig import build_config
 
 TAU = 5e-3
 

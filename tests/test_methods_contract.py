@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests import tiny
-from tunelab.config import ModelConfig, _method_config
+from tunelab.artifacts import save_artifact
+from tunelab.config import ModelConfig
 from tunelab.methods import METHODS
-from tunelab.methods.artifacts import save_artifact
+from tunelab.runconfig import method_config
 
 # Keys a method needs beyond its defaults to be built in a contract test.
 REQUIRED = {
@@ -31,7 +32,7 @@ VOCAB = 400
 
 
 def method_cfg(name: str):
-    return _method_config({"name": name, **REQUIRED.get(name, {})})
+    return method_config({"name": name, **REQUIRED.get(name, {})})
 
 
 def build(arch: str, name: str, model_dirs) -> tuple[torch.nn.Module, torch.nn.Module]:

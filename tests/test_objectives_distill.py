@@ -11,16 +11,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
 from tests import tiny
-from tunelab.bpe import train_bpe
-from tunelab.config import DataConfig, build_config
+from tunelab.config import DataConfig
 from tunelab.data.collate import collate
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.types import IGNORE
 from tunelab.errors import TunelabError
+from tunelab.inference.logits import token_nll_sum
+from tunelab.modeling.bpe import train_bpe
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.distill import DistillRuntime
-from tunelab.objectives.lm import token_nll_sum
 from tunelab.objectives.registry import RunContext
+from tunelab.runconfig import build_config
 
 CPU = torch.device("cpu")
 KINDS = ("forward_kl", "reverse_kl", "jsd")

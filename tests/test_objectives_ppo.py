@@ -13,20 +13,21 @@ from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
-from tunelab.config import ModelConfig, build_config
+from tunelab.artifacts import save_artifact
+from tunelab.config import ModelConfig
 from tunelab.data.pipeline import load_tokenized
+from tunelab.data.stream import BatchStream
 from tunelab.data.types import IGNORE
 from tunelab.errors import DataError, TunelabError
-from tunelab.eval.generation import greedy
-from tunelab.eval.reward import rewards_of
+from tunelab.inference.generation import greedy
+from tunelab.inference.reward import rewards_of
 from tunelab.methods import METHODS
-from tunelab.methods.artifacts import save_artifact
 from tunelab.methods.heads import HeadConfig
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.alignment_losses import entropy_from_logits, gae, masked_mean, masked_whiten
 from tunelab.objectives.ppo import VALUE_HEAD, PPORuntime, RolloutStream, right_pad
 from tunelab.objectives.registry import RunContext
-from tunelab.training.stream import BatchStream
+from tunelab.runconfig import build_config
 
 CPU = torch.device("cpu")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,23 +15,25 @@ from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
-from tunelab.config import DataConfig, build_config
+from tunelab.config import DataConfig
 from tunelab.data.collate import collate
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.preference import pair_examples
+from tunelab.data.stream import BatchStream
 from tunelab.data.templates import render, resolve_template
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import DataError, TunelabError
-from tunelab.eval.reward import is_reward_model, rewards_of, score_records
 from tunelab.eval.tasks import evaluate_records
+from tunelab.inference.reward import rewards_of, score_records
 from tunelab.methods import METHODS
 from tunelab.methods.heads import HeadConfig
+from tunelab.modeling.heads import is_reward_model
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.alignment_losses import sequence_logps
 from tunelab.objectives.frozen import Reference
 from tunelab.objectives.preference import DPORuntime, RewardRuntime
 from tunelab.objectives.registry import RunContext
-from tunelab.training.stream import BatchStream
+from tunelab.runconfig import build_config
 
 CPU = torch.device("cpu")
 PAIR_FORMATS = ("preference", "ranking")
@@ -435,7 +437,7 @@ def test_precomputed_explicit_reference_refuses_pairs_outside_the_training_set(l
 
 
 def test_dpo_refuses_a_reference_with_another_tokenizer(llama_dir, tok, tmp_path):
-    from tunelab.bpe import train_bpe
+    from tunelab.modeling.bpe import train_bpe
 
     other_tok = train_bpe([f"completely different {w} words" for w in tiny.THINGS] * 5, vocab_size=300)
     other = tmp_path / "other"

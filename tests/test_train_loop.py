@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 import tunelab
 from tunelab.data.types import IGNORE
 from tunelab.errors import NonFiniteError, ResumeError, TunelabError
+from tunelab.inference.logits import token_nll_sum
 from tunelab.objectives import OBJECTIVES
-from tunelab.objectives.lm import token_nll_sum
 from tunelab.training import checkpoint
 
 

@@ -18,11 +18,11 @@ from tunelab.world import (
     make_corpus,
     make_world,
     render_chat,
-    resolve_task,
     score_response,
     vocab,
     write_tasks,
 )
+from tunelab.world.resolve import resolve_task
 from tunelab.world.templates import NEW_RELATIONS, RELATIONS
 
 

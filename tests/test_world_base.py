@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tunelab import api
-from tunelab.world.base import build_base
+from tunelab.recipes.build_base import build_base
 
 MINI = {
     "vocab_size": 512,

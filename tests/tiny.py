@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from tunelab.bpe import train_bpe
+from tunelab.modeling.bpe import train_bpe
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "gpt_neox"]
 _COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -170,7 +170,7 @@ def world_build_base(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted build from its last checkpoint"),
 ) -> None:
     """Pretrain the tiny base model on the TinyWorld corpus; prints its build stats as JSON."""
-    from tunelab.world.base import build_base
+    from tunelab.recipes.build_base import build_base
 
     _print_json(build_base(out, recipe, steps=steps, resume=resume))
 
@@ -203,7 +203,7 @@ def methods(
 @app.command()
 def demo(out: str = typer.Option("runs/demo", "--out")) -> None:
     """The end-to-end demo: fine-tune, evaluate before/after, generate."""
-    from tunelab.demo import run_demo
+    from tunelab.recipes.demo import run_demo
 
     run_demo(out)
 

@@ -1,18 +1,16 @@
-"""Typed run configuration: YAML file + dotted command-line overrides -> `RunConfig`.
+"""Config sections (pydantic, every one forbids unknown keys) and the YAML / override plumbing.
 
-Every section forbids unknown keys. `method` and `objective` are chosen by their `name` key
-among the registered ones, each validated by its own config class.
+The bottom layer: it imports nothing of tunelab but errors. The whole run's config, whose
+`method` and `objective` sections the registries choose, is `runconfig.RunConfig`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.errors import ConfigError
 
@@ -98,71 +96,6 @@ class OutputConfig(Section):
     dir: str = "runs/run"
 
 
-class RunConfig(Section):
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_config({"name": "lora"}))
-    objective: SerializeAsAny[ObjectiveConfig] = Field(
-        default_factory=lambda: _objective_config({"name": "sft"})
-    )
-    train: TrainConfig = TrainConfig()
-    output: OutputConfig = OutputConfig()
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _pick_method(cls, v: Any) -> MethodConfig:
-        return v if isinstance(v, MethodConfig) else _method_config(v)
-
-    @field_validator("objective", mode="before")
-    @classmethod
-    def _pick_objective(cls, v: Any) -> ObjectiveConfig:
-        return v if isinstance(v, ObjectiveConfig) else _objective_config(v)
-
-    @model_validator(mode="after")
-    def _select_best_needs_eval(self) -> RunConfig:
-        if self.train.select_best and self.data.eval is None:
-            raise ValueError("train.select_best needs evaluation data to select by: set data.eval (e.g. a "
-                             "validation split), or train.select_best=false")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    def digest(self, *sections: str) -> str:
-        """sha256 of the named sections (all when none), for refusing a resume under a changed config."""
-        d = self.to_dict()
-        part = {k: d[k] for k in (sections or d)}
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
-
-
-def _pick(kind: str, value: Any, registry: dict[str, Any]) -> Any:
-    """Validate one `method`/`objective` section with the config class its `name` selects."""
-    names = ", ".join(sorted(registry))
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(f"{kind}.name: missing; registered {kind}s: {names}")
-    spec = registry.get(value["name"])
-    if spec is None:
-        raise ConfigError(f"{kind}.name: unknown {kind} {value['name']!r}; registered: {names}")
-    try:
-        return spec.config_cls.model_validate(value)
-    except ValidationError as e:
-        raise ConfigError(_explain(e, prefix=kind, model=spec.config_cls)) from None
-
-
-def _method_config(value: Any) -> MethodConfig:
-    from tunelab.methods import METHODS
-
-    return _pick("method", value, METHODS)
-
-
-def _objective_config(value: Any) -> ObjectiveConfig:
-    from tunelab.objectives import OBJECTIVES
-
-    return _pick("objective", value, OBJECTIVES)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -232,44 +165,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    raw = dict(raw)
-    problems: list[str] = []
-    for kind, pick in (("method", _method_config), ("objective", _objective_config)):
-        if kind in raw:
-            try:
-                raw[kind] = pick(raw[kind])
-            except ConfigError as e:
-                problems += e.message.splitlines()
-                del raw[kind]  # reported; validate the other sections with the default
+def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
+    """Validate one `method`/`objective` section with the config class its `name` selects."""
+    names = ", ".join(sorted(registry))
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(f"{kind}.name: missing; registered {kind}s: {names}")
+    spec = registry.get(value["name"])
+    if spec is None:
+        raise ConfigError(f"{kind}.name: unknown {kind} {value['name']!r}; registered: {names}")
     try:
-        cfg = RunConfig.model_validate(raw)
+        return spec.config_cls.model_validate(value)
     except ValidationError as e:
-        problems += _explain(e).splitlines()
-    if problems:
-        raise ConfigError("\n".join(f"{source}: {line}" for line in problems))
-    return cfg
+        raise ConfigError(explain(e, spec.config_cls, prefix=kind)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    path = config_path(path) if path is not None else None
-    raw = read_yaml(path) if path is not None else {}
-    raw = deep_merge(raw, parse_overrides(overrides or []))
-    return build_config(raw, str(path) if path is not None else "<overrides>")
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-def _explain(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+def explain(e: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """A pydantic error as `key: problem` lines, unknown keys with the allowed ones."""
     lines = []
     for err in e.errors():
         parts = [prefix] if prefix else []
         parts += [str(p) for p in err["loc"] if not str(p).startswith("function-")]
         loc = ".".join(parts) or "config"  # a cross-section check of the whole config has no key
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key; allowed: {_allowed(model or RunConfig, err['loc'])}")
+            lines.append(f"{loc}: unknown key; allowed: {_allowed(model, err['loc'])}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")

@@ -18,12 +18,11 @@ from typing import Any, Literal
 from tunelab.config import DataConfig
 from tunelab.data import classify, preference
 from tunelab.data.formats import RENDERED, to_messages
-from tunelab.data.sources import read_records
+from tunelab.data.sources import read_records, resolve_source
 from tunelab.data.templates import ChatTemplate, resolve_template, tokenize_chat, tokenize_text
 from tunelab.data.types import IGNORE, Example, TokenizedData
 from tunelab.data.validate import RecordError, detect_format, resolve_format, validate_record
 from tunelab.errors import DataError
-from tunelab.world.resolve import is_tinyworld, resolve_task
 
 __all__ = ["load_tokenized", "read_records", "detect_format", "render_example", "fingerprint", "split_path"]
 
@@ -71,8 +70,7 @@ def split_path(cfg: DataConfig, split: str) -> str:
     path = cfg.train if split == "train" else cfg.eval
     if path is None:
         raise DataError(f"data.{split} is not set", fix=f"set data.{split} to a dataset file or folder")
-    # tinyworld:<task>[@split] names a generated TinyWorld task file (built on first use)
-    return str(resolve_task(path)) if is_tinyworld(path) else path
+    return resolve_source(path)
 
 
 def build(

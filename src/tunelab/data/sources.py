@@ -18,6 +18,7 @@ from typing import Any
 
 from tunelab.data.validate import RecordError, type_name
 from tunelab.errors import DataError
+from tunelab.world.resolve import is_tinyworld, resolve_task
 
 SUPPORTED = ".jsonl, .json, .csv, .parquet, or a folder saved with datasets.Dataset.save_to_disk"
 
@@ -25,6 +26,12 @@ SUPPORTED = ".jsonl, .json, .csv, .parquet, or a folder saved with datasets.Data
 _JSON_CELLS = ("messages", "conversations", "prompt")
 
 Record = tuple[str, "dict[str, Any] | Exception"]
+
+
+def resolve_source(path: str) -> str:
+    """The one place `tinyworld:<task>[@<split>]` names become files: the generated TinyWorld task
+    file (built into the cache on first use); any other path as it is."""
+    return str(resolve_task(path)) if is_tinyworld(path) else path
 
 
 def read_records(path: str) -> Iterator[Record]:

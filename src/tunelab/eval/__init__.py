@@ -1,1 +1,2 @@
-"""Evaluation: loss and perplexity now; task metrics and the forgetting probe build on it."""
+"""Evaluation: task kinds (tasks.py), the forgetting probe, classification heads, and one entry
+point for all of them (suite.py). Inference itself (generation, losses, rewards) is in inference/."""

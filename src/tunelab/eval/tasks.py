@@ -32,15 +32,19 @@ from typing import Any
 
 from torch import nn
 
+from tunelab.artifacts import load
 from tunelab.data.formats import chat_messages, instruction_messages
 from tunelab.data.pipeline import render_example
 from tunelab.data.sources import read_records
 from tunelab.data.templates import tokenize_text
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import DataError, TunelabError
-from tunelab.eval.generation import Prompt, continuation_logprobs, greedy, pad_id
-from tunelab.eval.metrics import evaluate_loss
-from tunelab.world import SPLITS, is_tinyworld, resolve_task
+from tunelab.eval.classify import evaluate_head
+from tunelab.inference.generation import Prompt, continuation_logprobs, greedy, pad_id
+from tunelab.inference.loss import evaluate_loss
+from tunelab.inference.reward import score_fn
+from tunelab.modeling.heads import is_classifier, is_reward_model
+from tunelab.world import SPLITS, is_tinyworld
 
 KINDS = ("generative", "cloze", "classification", "preference", "text")
 # Context of a classification record; each candidate label is scored as its continuation " <label>".
@@ -160,16 +164,10 @@ def evaluate_records(
     if kind == "cloze":
         return _cloze(records, generate)
     if kind == "classification":
-        # --- classification heads (methods/heads.py): accuracy of the head's argmax, not label log-likelihood
-        from tunelab.methods.heads import evaluate_head, is_classifier
-
-        if is_classifier(model):
+        if is_classifier(model):  # a head (methods/heads.py): accuracy of its argmax, not label log-likelihood
             return evaluate_head(model, tokenizer, records, labels, batch_size=batch_size, max_length=max_length)
-        # ---
         return _classification(records, score, labels)
     if kind == "preference":
-        from tunelab.eval.reward import is_reward_model, score_fn
-
         if is_reward_model(model):  # a scalar reward head scores the replies (objective reward)
             return {**_preference(records, score_fn(model, tokenizer, batch_size)), "scored_by": "reward head"}
         return _preference(records, score)
@@ -297,40 +295,14 @@ def read_eval_records(path: str | Path, limit: int | None = None) -> list[dict[s
 
 
 def load_model_or_run(model_or_run: str | Path | tuple[nn.Module, Any]) -> tuple[nn.Module, Any]:
-    """A (model, tokenizer) pair as is; anything else goes through `tunelab.api.load`."""
+    """A (model, tokenizer) pair as is; anything else goes through `artifacts.load`."""
     if isinstance(model_or_run, tuple):
         return model_or_run
-    from tunelab import api
+    return load(model_or_run)
 
-    return api.load(model_or_run)
-
-
-def evaluate_task(
-    model_or_run: str | Path | tuple[nn.Module, Any], spec: str, *, limit: int | None = None, batch_size: int = 32,
-    kind: str | None = None,
-) -> dict[str, Any]:
-    """Metrics of a model (run dir, model dir, adapter dir, hub id or a (model, tokenizer) pair) on a
-    task: `tinyworld:<task>[@<split>]`, `tinyworld:probe`, or a dataset file (kind from its records,
-    or `kind`). `limit`: the first N records only."""
-    parsed = parse_spec(spec)
-    model, tok = load_model_or_run(model_or_run)
-    if parsed == ("probe", ""):
-        from tunelab.eval.probe import run_probe
-
-        return run_probe(model, tok, limit=limit, batch_size=batch_size)
-    path = resolve_task(spec.split("@")[0] + f"@{parsed[1]}") if parsed else Path(spec)
-    records = read_eval_records(path)
-    kind = kind or infer_kind(records, str(path))
-    if parsed and kind == "cloze" and parsed[0] != "probe":
-        kind = "generative"  # TinyWorld's other prompt+answer records (prefs prompts) are chat questions
-    labels = sorted({str(r["label"]) for r in records}) if kind == "classification" else None
-    if limit is not None:
-        records = records[:limit]
-    return evaluate_records(model, tok, records, kind=kind, batch_size=batch_size, labels=labels)
 
 
 # ----------------------------------------------------------------------------- display
-
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}

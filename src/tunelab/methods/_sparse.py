@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tunelab.errors import TunelabError
 from tunelab.methods.registry import default_state
-from tunelab.models import attention_targets, linear_targets
+from tunelab.modeling.load import attention_targets, linear_targets
 
 Targets = list[str] | Literal["all-linear", "attention"]
 CHANGED = "tunelab_changed"

@@ -17,7 +17,7 @@ from torch import nn
 
 from tunelab.config import MethodConfig
 from tunelab.methods.registry import register_method
-from tunelab.models import attention_targets, linear_targets
+from tunelab.modeling.load import attention_targets, linear_targets
 
 
 class LoraConfig(MethodConfig):

@@ -47,7 +47,7 @@ from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import lora
 from tunelab.methods.registry import register_method
-from tunelab.models import check_weights_safe, resolve_path
+from tunelab.modeling.load import check_weights_safe, resolve_path
 
 if TYPE_CHECKING:
     import bitsandbytes

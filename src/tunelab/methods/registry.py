@@ -114,3 +114,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def is_peft_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], exact: bool = True) -> None:
+    """Copy saved tensors into the model's parameters and buffers by name. Every trainable
+    parameter must be covered (when `exact`) and every saved name must exist."""
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in tensors] if exact else []
+    unknown = [n for n in tensors if n not in targets]
+    if missing or unknown:
+        raise RuntimeError(f"saved state does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            targets[n].copy_(t)

@@ -1,12 +1,14 @@
-"""Objectives: what the model is trained to do. Importing this package registers them all."""
+"""Objectives: what the model is trained to do. One module per family; importing this package
+imports every module in it, and each registers its objectives with `@register_objective`."""
 
-from tunelab.objectives import (  # noqa: F401  (each module registers its objectives)
-    classify,  # classify (heads: methods/heads.py)
-    distill,  # distill
-    lm,  # lm, sft
-    ppo,  # ppo
-    preference,  # reward, dpo
-)
+import importlib
+import pkgutil
+
 from tunelab.objectives.registry import OBJECTIVES, ObjectiveSpec, register_objective
+
+_NOT_OBJECTIVES = {"registry", "alignment_losses", "frozen"}  # the registry, pure losses, frozen models
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name not in _NOT_OBJECTIVES and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["OBJECTIVES", "ObjectiveSpec", "register_objective"]

@@ -22,9 +22,9 @@ from torch import nn
 from tunelab.config import ObjectiveConfig
 from tunelab.data.types import IGNORE
 from tunelab.errors import TunelabError
+from tunelab.inference.logits import forward_logits, token_nll_sum
 from tunelab.objectives.alignment_losses import distill_loss
 from tunelab.objectives.frozen import check_same_vocab, load_frozen
-from tunelab.objectives.lm import forward_logits, token_nll_sum
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
 
 

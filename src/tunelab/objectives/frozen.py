@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from tunelab.artifacts import load
 from tunelab.errors import TunelabError
 
 
@@ -33,10 +34,8 @@ def freeze(model: nn.Module, device: torch.device) -> nn.Module:
 
 def load_frozen(path: str, device: torch.device, what: str) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a model dir, hub id, adapter or run dir, frozen on `device`."""
-    from tunelab import api  # late: api imports the objectives
-
     try:
-        model, tokenizer = api.load(path)
+        model, tokenizer = load(path)
     except TunelabError as e:
         raise TunelabError(f"cannot load the {what} {path!r}: {e.message}", fix=e.fix) from None
     return freeze(model, device), tokenizer

@@ -41,10 +41,14 @@ from torch import nn
 
 from tunelab.config import ObjectiveConfig
 from tunelab.data.collate import collate
+from tunelab.data.pipeline import read_records, split_path
+from tunelab.data.stream import MicroBatch
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import generate_ids, greedy, pad_id, stop_token_ids
-from tunelab.eval.reward import is_reward_model, judge, rewards_of
+from tunelab.inference.generation import generate_ids, greedy, pad_id, stop_token_ids
+from tunelab.inference.logits import forward_logits
+from tunelab.inference.reward import judge, rewards_of
+from tunelab.modeling.heads import is_reward_model
 from tunelab.objectives.alignment_losses import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -57,9 +61,7 @@ from tunelab.objectives.alignment_losses import (
     token_logps,
 )
 from tunelab.objectives.frozen import Reference, load_frozen, unwrap
-from tunelab.objectives.lm import forward_logits
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
-from tunelab.training.stream import MicroBatch
 
 VALUE_HEAD = "tunelab_value_head"
 
@@ -100,8 +102,6 @@ class ValueHead(nn.Module):
 
 def read_prompts(data_cfg: Any) -> dict[str, Any]:
     """`where` -> prompt of every record of data.train and data.eval (prompt records, validated later)."""
-    from tunelab.data.pipeline import read_records, split_path
-
     out: dict[str, Any] = {}
     for split, path in (("train", data_cfg.train), ("eval", data_cfg.eval)):
         if path is not None:

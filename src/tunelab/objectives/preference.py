@@ -39,10 +39,11 @@ from tunelab.data.collate import collate
 from tunelab.data.preference import null_prompt_ids
 from tunelab.data.templates import resolve_template
 from tunelab.errors import TunelabError
-from tunelab.methods.heads import reply_loglik
+from tunelab.inference.logits import forward_logits
+from tunelab.inference.reward import reward_scores
+from tunelab.modeling.heads import reply_loglik
 from tunelab.objectives.alignment_losses import bradley_terry_loss, dpo_loss, sequence_logps
 from tunelab.objectives.frozen import Reference
-from tunelab.objectives.lm import forward_logits
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
 
 PAIR_FORMATS = ("preference", "ranking")
@@ -81,18 +82,6 @@ def _need_pairs(batch: dict[str, torch.Tensor], objective: str) -> None:
 
 
 # ----------------------------------------------------------------------------- reward
-
-
-def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor], out: Any = None) -> torch.Tensor:
-    """(rows,) scalar rewards of a scalar-head model (`out`: its output for the batch, if already run)."""
-    out = out if out is not None else model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                            labels=batch["labels"])
-    logits = out.logits
-    if logits.dim() != 2 or logits.shape[1] != 1:
-        raise TunelabError(
-            f"objective reward needs a scalar head (logits (batch, 1)), got logits of shape {tuple(logits.shape)}",
-            fix="use method.name=head with method.num_labels=1 (method.body: full or frozen)")
-    return logits[:, 0].float()
 
 
 def reward_terms(

@@ -19,19 +19,21 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from tunelab.config import RunConfig
+from tunelab.data.stream import BatchStream, MicroBatch
 from tunelab.data.types import Example
 from tunelab.errors import EXIT_RESUMABLE
-from tunelab.eval.metrics import evaluate_loss
+from tunelab.inference.loss import evaluate_loss
 from tunelab.methods import METHODS
+from tunelab.methods.registry import load_trainable
 from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.registry import RunContext
+from tunelab.runconfig import RunConfig
 from tunelab.training import checkpoint
+from tunelab.training.events import Event, EventHook, Kind
 from tunelab.training.guards import NonFiniteGuard, StopSignal, is_oom, oom_error
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.progress import Reporter
-from tunelab.training.state import load_trainable, load_training_state, save_training_state
-from tunelab.training.stream import BatchStream, MicroBatch
+from tunelab.training.state import load_training_state, save_training_state
 
 
 def _digest(group: list[MicroBatch]) -> str:
@@ -59,7 +61,8 @@ def mixed_precision(precision: str) -> str:
 
 @dataclass
 class Loop:
-    """Everything one run's steps need; built by `tunelab.api.train`."""
+    """Everything one run's steps need; built by `recipes.run.train`. Its public parts (`train_step`,
+    `evaluate`, `save`, `restore`, `run`) are what recipes compose."""
 
     cfg: RunConfig
     run_dir: Path
@@ -70,6 +73,7 @@ class Loop:
     data_fingerprint: str
     reporter: Reporter
     tokenizer: Any = None
+    on_event: EventHook | None = None  # training/events.py: watch the run (recipes, compare, UI)
     accelerator: Accelerator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,11 +136,18 @@ class Loop:
         if not self.accelerator.is_main_process:
             return None
         model = self.accelerator.unwrap_model(self.model)
-        return checkpoint.commit(
+        path = checkpoint.commit(
             self.ckpt_root, self.step,
             lambda d: save_training_state(d, self.method.state(model), self.opt, self.sched, self.meta()),
             self.cfg.train.keep_last,
         )
+        self._emit("checkpoint", checkpoint=path)
+        return path
+
+    def _emit(self, kind: Kind, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
+        if self.on_event is not None and self.accelerator.is_main_process:
+            numeric = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+            self.on_event(Event(kind, self.step, self.total_steps, self.run_dir, numeric, **extra))
 
     def restore(self, ckpt: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -207,14 +218,17 @@ class Loop:
         own = self.runtime.evaluate(self.accelerator.unwrap_model(self.model), self.eval_data)
         if own is not None:
             self.model.train()
-            return {f"eval_{k}": v for k, v in own.items()}
-        d = self.cfg.data
-        out = evaluate_loss(
-            self.accelerator.unwrap_model(self.model), self.eval_data, batch_size=self.cfg.train.batch_size,
-            pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
-            loss=self.runtime.loss,
-        )
-        return {f"eval_{k}": v for k, v in {**out, **self.runtime.stats()}.items()}
+            out = {f"eval_{k}": v for k, v in own.items()}
+        else:
+            d = self.cfg.data
+            loss = evaluate_loss(
+                self.accelerator.unwrap_model(self.model), self.eval_data, batch_size=self.cfg.train.batch_size,
+                pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
+                loss=self.runtime.loss,
+            )
+            out = {f"eval_{k}": v for k, v in {**loss, **self.runtime.stats()}.items()}
+        self._emit("eval", out)
+        return out
 
     def run(self) -> TrainResult:
         t = self.cfg.train
@@ -224,6 +238,7 @@ class Loop:
         last_metrics: dict[str, float] = {}
         status = "completed"
         start = time.perf_counter()
+        self._emit("start")
         with StopSignal() as stop, self.reporter.progress(self.total_steps, self.step) as bar:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -236,6 +251,7 @@ class Loop:
                     self._remember_if_best(m)
                     self.model.train()
                 self._log(m, bar)
+                self._emit("step", m)
                 last_metrics = m
                 checkpoint.fault_point("step", self.step)
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
@@ -253,7 +269,9 @@ class Loop:
         if status == "completed":
             self.runtime.finish(self.accelerator.unwrap_model(self.model), self.run_dir)
         self.accelerator.end_training()
-        return TrainResult(self.run_dir, status, self.step, {**last_metrics, **final})
+        result = TrainResult(self.run_dir, status, self.step, {**last_metrics, **final})
+        self._emit("end", result.metrics, status=status)
+        return result
 
     # ------------------------------------------------------------------ best-of-evals selection
 

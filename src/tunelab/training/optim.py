@@ -9,6 +9,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tunelab.config import TrainConfig
+from tunelab.errors import TunelabError
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, kind: str = "adamw") -> torch.optim.Optimizer:
@@ -21,8 +22,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, kind: str = "adamw") -> 
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        from tunelab.errors import TunelabError
-
         raise TunelabError("the method left no trainable parameter", fix="check the method's settings")
     if kind != "adamw":
         import bitsandbytes as bnb

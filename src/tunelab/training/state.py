@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunelab.methods.registry import load_trainable
 from tunelab.training.checkpoint import load_tree, save_tree
 
 
@@ -41,20 +42,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], exact: bool = True) -> None:
-    """Copy saved tensors into the model's parameters and buffers by name. Every trainable
-    parameter must be covered (when `exact`) and every saved name must exist."""
-    targets = dict(model.named_parameters())
-    targets.update(dict(model.named_buffers()))
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in tensors] if exact else []
-    unknown = [n for n in tensors if n not in targets]
-    if missing or unknown:
-        raise RuntimeError(f"saved state does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            targets[n].copy_(t)
 
 
 def save_training_state(

@@ -1,4 +1,5 @@
-"""Scoring with a reward model (a scalar head, objective `reward`): `tunelab score` and pairwise accuracy.
+"""Scoring with a reward model (a scalar head, objective `reward`): the rewards of a batch, of
+(prompt, reply) pairs, of records (`tunelab score`), and a judge of two sets of replies.
 
 A reply is scored as the conversation prompt + assistant reply, rendered with the tokenizer's chat
 template exactly as the reward model was trained (data/preference.py), at its last token.
@@ -17,15 +18,22 @@ from tunelab.data.collate import collate
 from tunelab.data.preference import ranked_pairs, reply_example
 from tunelab.data.templates import resolve_template
 from tunelab.data.validate import detect_format, validate_record
-from tunelab.errors import DataError
-from tunelab.eval.generation import pad_id
-from tunelab.methods.heads import is_classifier
+from tunelab.errors import DataError, TunelabError
+from tunelab.inference.generation import pad_id
 
 Prompt = str | list[dict[str, str]]
 
 
-def is_reward_model(model: Any) -> bool:
-    return is_classifier(model) and model.head.out_features == 1
+def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor], out: Any = None) -> torch.Tensor:
+    """(rows,) scalar rewards of a scalar-head model (`out`: its output for the batch, if already run)."""
+    out = out if out is not None else model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            labels=batch["labels"])
+    logits = out.logits
+    if logits.dim() != 2 or logits.shape[1] != 1:
+        raise TunelabError(
+            f"objective reward needs a scalar head (logits (batch, 1)), got logits of shape {tuple(logits.shape)}",
+            fix="use method.name=head with method.num_labels=1 (method.body: full or frozen)")
+    return logits[:, 0].float()
 
 
 @torch.no_grad()
@@ -34,8 +42,6 @@ def rewards_of(
     max_length: int = 1024,
 ) -> list[float]:
     """The reward of every (prompt, reply), in order."""
-    from tunelab.objectives.preference import reward_scores
-
     template = resolve_template(None, tokenizer)
     examples = [reply_example(p, r, tokenizer, template, "") for p, r in items]
     was_training = model.training

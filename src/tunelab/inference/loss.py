@@ -12,7 +12,7 @@ from torch import nn
 
 from tunelab.data.collate import collate, pack
 from tunelab.data.types import Example
-from tunelab.objectives.lm import forward_logits, token_nll_sum
+from tunelab.inference.logits import forward_logits, token_nll_sum
 
 
 @torch.no_grad()

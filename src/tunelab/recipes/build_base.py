@@ -17,9 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
 from tunelab import owned
-from tunelab.bpe import train_bpe
+from tunelab.artifacts import load
 from tunelab.config import SHIPPED_CONFIGS, config_path, deep_merge, read_yaml
 from tunelab.errors import TunelabError
+from tunelab.eval.suite import evaluate_task
+from tunelab.modeling.bpe import train_bpe
+from tunelab.recipes.run import train
 from tunelab.world.chat import IM_END
 from tunelab.world.corpus import make_corpus
 from tunelab.world.generator import make_world
@@ -58,8 +61,6 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
     interrupted build from its last checkpoint (exactly: the result is the same as uninterrupted)."""
     from transformers import AutoTokenizer
 
-    from tunelab import api
-
     recipe = load_recipe(recipe_path)
     if steps is not None:
         recipe["run"] = deep_merge(recipe["run"], {"train": {"max_steps": steps}})
@@ -83,7 +84,7 @@ def build_base(out: str | Path, recipe_path: str | Path | None = None, *, steps:
         "train": {"seed": recipe["seed"]},
         "output": {"dir": str(work / "run")},
     })
-    result = api.train(run_cfg, quiet=quiet, resume=resume)
+    result = train(run_cfg, quiet=quiet, resume=resume)
     if result.status != "completed":
         raise TunelabError(f"the build was interrupted at step {result.steps}",
                            fix=f"continue it: tunelab world build-base --out {out} --resume")
@@ -112,10 +113,8 @@ CARD_TASKS = ("tinyworld:probe", "tinyworld:qa@train", "tinyworld:qa@test")
 def evaluate_base(path: str | Path, limit: int | None = None) -> dict[str, Any]:
     """What the base knows: the forgetting probe (cloze accuracy on pretraining facts, perplexity on
     held-out corpus text) and zero-shot QA on people with and without QA text in the corpus."""
-    from tunelab import api
-    from tunelab.eval.tasks import evaluate_task
 
-    model = api.load(path)
+    model = load(path)
     out = {}
     for spec in CARD_TASKS:
         r = evaluate_task(model, spec, limit=limit)

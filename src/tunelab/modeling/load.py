@@ -20,7 +20,7 @@ from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError, UnsafeFileError
 
 EMBEDDED = "tunelab-tiny"
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Attention projections per architecture, for `target_modules: attention`.

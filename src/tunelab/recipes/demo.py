@@ -17,11 +17,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tunelab import api
+from tunelab.artifacts import load
 from tunelab.config import SHIPPED_CONFIGS
+from tunelab.data.sources import resolve_source
 from tunelab.errors import TunelabError
 from tunelab.eval.probe import forgetting
-from tunelab.eval.tasks import evaluate_task
+from tunelab.eval.suite import evaluate_task
+from tunelab.recipes.run import train
 
 CONFIG = SHIPPED_CONFIGS / "sft-lora.yaml"
 TASK = "tinyworld:qa@test"
@@ -41,8 +43,8 @@ def run_demo(out: str | Path = "runs/demo") -> dict[str, Any]:
                   "(people whose facts the base only read as prose)")
     base_qa = evaluate_task("tunelab-tiny", TASK)
     console.print(f"base model before tuning: exact match {base_qa['exact_match']:.3f}")
-    result = api.train(recipe(), [f"output.dir={out}"], overwrite=True)
-    model = api.load(result.run_dir)
+    result = train(recipe(), [f"output.dir={out}"], overwrite=True)
+    model = load(result.run_dir)
     tuned_qa = evaluate_task(model, TASK)
     probe = forgetting(model)
     summary = {
@@ -77,7 +79,5 @@ def _table(s: dict[str, Any]) -> Table:
 
 
 def _example_question() -> str:
-    from tunelab.world.resolve import resolve_task
-
-    with open(resolve_task(TASK), encoding="utf-8") as f:
+    with open(resolve_source(TASK), encoding="utf-8") as f:
         return json.loads(f.readline())["messages"][0]["content"]

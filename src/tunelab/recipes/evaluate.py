@@ -1,0 +1,90 @@
+"""Evaluate, generate, score: a model or run measured on data, tasks, the forgetting probe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.artifacts import load
+from tunelab.config import DataConfig
+from tunelab.data.pipeline import load_tokenized
+from tunelab.data.sources import read_records, resolve_source
+from tunelab.errors import TunelabError
+from tunelab.eval import probe, suite
+from tunelab.eval.tasks import load_model_or_run, parse_spec
+from tunelab.inference.generation import encode_prompt, generate_ids
+from tunelab.inference.loss import evaluate_loss
+from tunelab.inference.reward import score_records
+from tunelab.modeling.heads import is_reward_model
+
+
+def evaluate(
+    model_path: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], data: str | None = None, *, fmt: str = "auto",
+    max_length: int = 1024, batch_size: int | None = None, all_tokens: bool = False,
+    tasks: list[str] | tuple[str, ...] = (), forgetting: bool = False, base: str | Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens).
+
+    With only `data`: {"loss", "perplexity", "tokens"}. With `tasks` (see `evaluate_task`) or
+    `forgetting` (see `tunelab.eval.probe.forgetting`; `base` where the model is neither a run nor
+    an adapter): one entry per evaluation, keyed by the data path, the task spec and "forgetting";
+    the model is loaded once. `batch_size`: 8 for the loss, 32 for tasks unless given."""
+    for spec in tasks:
+        parse_spec(spec)  # unknown names fail before a model is loaded
+    if data is None and not tasks and not forgetting:
+        raise TunelabError("nothing to evaluate", fix="pass a dataset (--data PATH), a task (--task SPEC) or "
+                           "--forgetting")
+    model, tok = load_model_or_run(model_path)
+    if forgetting:
+        base = probe.base_for(model, model_path, base)
+    out: dict[str, Any] = {}
+    if data is not None:
+        dcfg = DataConfig(eval=data, format=fmt, max_length=max_length)  # type: ignore[arg-type]
+        examples = load_tokenized(dcfg, "eval", tok, mask_prompt=not all_tokens, log=lambda s: None).examples
+        out[data] = evaluate_loss(model, examples, batch_size=batch_size or 8, pad_id=tok.pad_token_id,
+                                  packing=False, max_length=max_length)
+        if not tasks and not forgetting:
+            return out[data]
+    for spec in tasks:
+        out[spec] = evaluate_task((model, tok), spec, limit=limit, batch_size=batch_size or 32)
+    if forgetting:
+        out["forgetting"] = probe.forgetting((model, tok), base, limit=limit, batch_size=batch_size or 32)
+    return out
+
+
+def evaluate_task(
+    model_or_run: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], spec: str, *, limit: int | None = None,
+    batch_size: int = 32, kind: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of a model on `tinyworld:<task>[@<split>]`, `tinyworld:probe` or a dataset file."""
+    return suite.evaluate_task(model_or_run, spec, limit=limit, batch_size=batch_size, kind=kind)
+
+
+@torch.no_grad()
+def generate(
+    model_path: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+    chat: bool = True, seed: int = 0,
+) -> str:
+    """Reply to `prompt` (a user turn through the chat template, when there is one; else raw text).
+    Greedy by default; `temperature > 0` samples."""
+    model, tok = load(model_path)
+    ids = encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))
+    torch.manual_seed(seed)
+    (reply,) = generate_ids(model, tok, [ids], max_new_tokens=max_new_tokens,
+                            temperature=temperature if temperature > 0 else None)
+    return tok.decode(reply, skip_special_tokens=True).strip()
+
+
+def score(model_path: str | Path, data: str, *, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Rewards of a reward model (objective `reward`) for the replies in `data`; see inference/reward.py."""
+    model, tokenizer = load(model_path)
+    if not is_reward_model(model):
+        raise TunelabError(f"{model_path}: not a reward model (a scalar head)",
+                           fix="train one with objective.name=reward and method.name=head, method.num_labels=1")
+    records = list(read_records(resolve_source(data)))[:limit]
+    return score_records(model, tokenizer, records, batch_size=batch_size)

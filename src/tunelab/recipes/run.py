@@ -1,0 +1,163 @@
+"""One training run: the run dir claimed (owned.py), data validated and tokenized, the base loaded
+(or taken in memory), the method applied, the one loop run, the final artifact saved.
+
+Continual stages, a search or a compare driver call `train` with a config (or a dict) per run;
+`model=` hands it a base already in memory, `on_event=` watches the loop (training/events.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tunelab import owned
+from tunelab.artifacts import save_artifact
+from tunelab.config import deep_merge, parse_overrides, read_yaml
+from tunelab.data.pipeline import load_tokenized
+from tunelab.data.report import check_report
+from tunelab.errors import ResumeError, TunelabError
+from tunelab.methods import METHODS, count_parameters
+from tunelab.modeling.load import load_model, load_tokenizer
+from tunelab.objectives import OBJECTIVES
+from tunelab.runconfig import RunConfig, build_config, load_config, save_config
+from tunelab.training import checkpoint
+from tunelab.training.events import EventHook
+from tunelab.training.loop import Loop, TrainResult
+from tunelab.training.progress import Reporter
+from tunelab.training.state import read_meta, seed_everything
+
+# Keys that may change between a run and its resume without changing what is computed.
+RESUME_SAFE = {
+    "train.eval_every", "train.save_every", "train.keep_last", "train.log_every", "train.tensorboard",
+    "train.nonfinite", "train.max_consecutive_skips", "output.dir",
+}
+
+ConfigLike = RunConfig | str | Path | dict[str, Any] | None
+
+
+def resolve_config(config: ConfigLike, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig, a dict, a YAML path or a run directory (its config.yaml), plus overrides."""
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        return build_config(deep_merge(config, parse_overrides(overrides or [])))
+    if config is not None and Path(config).is_dir():
+        config = Path(config) / "config.yaml"
+    return load_config(config, overrides)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_SAFE)
+
+
+# Everything tunelab writes at the top of a run dir: `--overwrite` deletes these and nothing else.
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final",
+                         "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png", "demo.json"})
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool,
+                     force: bool = False) -> Path | None:
+    """Returns the checkpoint to resume from (None for a fresh run). A fresh run claims its folder
+    (owned.claim): an earlier run there is deleted only with `overwrite`, and only its own entries."""
+    run_dir = Path(cfg.output.dir)
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        ckpt = checkpoint.latest(ckpt_root)
+        if ckpt is None:
+            raise ResumeError(f"{run_dir}: no complete checkpoint to resume", fix="start the run without --resume")
+        changed = changed_keys(read_yaml(run_dir / "config.yaml"), cfg.to_dict())
+        if changed and not allow_changed:
+            raise ResumeError(
+                f"{run_dir}: the config differs from the run's in {', '.join(changed)}; resuming would not "
+                "continue the same run",
+                fix="resume with the run's own config (tunelab train RUN_DIR --resume), or pass --allow-changed",
+            )
+        return ckpt
+    holds_run = owned.state(run_dir, "run", RUN_ENTRIES) == "owned" and any(
+        (run_dir / e).exists() for e in owned.owned_entries(run_dir, RUN_ENTRIES))
+    if holds_run and not overwrite:
+        raise ResumeError(
+            f"{run_dir} already holds a run",
+            fix="pass --resume to continue it, --overwrite to start over, or set output.dir elsewhere",
+        )
+    owned.claim(run_dir, "run", sorted(RUN_ENTRIES), what="output.dir", replace=True, force=force,
+                legacy=RUN_ENTRIES)
+    return None
+
+
+def train(
+    config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False,
+    allow_changed: bool = False, overwrite: bool = False, quiet: bool = False, force: bool = False,
+    model: nn.Module | None = None, on_event: EventHook | None = None,
+) -> TrainResult:
+    """Train per the config; returns the run directory, its status and final metrics.
+
+    `force`: write the run into a non-empty folder tunelab did not make, beside its files (none is
+    deleted). `model`: the base model in memory (e.g. the previous stage's), instead of loading
+    `model.name_or_path` (still the tokenizer's source and what the artifact names as its base); the
+    method is applied to it in place. `on_event`: called with every training/events.py Event."""
+    cfg = resolve_config(config, overrides)
+    if cfg.data.train is None:
+        raise TunelabError("data.train is not set", fix="set data.train to a dataset path")
+    ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite, force)
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(run_dir, quiet=quiet, log_every=cfg.train.log_every)
+    seed_everything(cfg.train.seed)
+
+    objective = OBJECTIVES[cfg.objective.name]
+    tokenizer = load_tokenizer(cfg.model)
+    kw = {"mask_prompt": objective.mask_prompt, "formats": objective.formats, "log": reporter.say}
+    if getattr(cfg.objective, "labels", None) is not None:  # classification: the class order
+        kw["labels"] = cfg.objective.labels
+    train_data = load_tokenized(cfg.data, "train", tokenizer, **kw)
+    eval_data = load_tokenized(cfg.data, "eval", tokenizer, **kw) if cfg.data.eval else None
+
+    model = METHODS[cfg.method.name].apply(model if model is not None else load_model(cfg.model), cfg.method)
+    trainable, total = count_parameters(model)
+    reporter.say(
+        f"{cfg.method.name} on {cfg.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%); {len(train_data.examples):,} training examples"
+    )
+    save_config(cfg, run_dir / "config.yaml")
+    loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
+                tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event)
+    if ckpt is not None:
+        if read_meta(ckpt)["data_fingerprint"] != train_data.fingerprint and not allow_changed:
+            raise ResumeError(
+                f"{ckpt}: the training data changed since this checkpoint; resuming would replay or skip samples",
+                fix="restore the original data, or pass --allow-changed",
+            )
+        loop.restore(ckpt)
+        reporter.say(f"resumed from {ckpt} (step {loop.step} of {loop.total_steps})")
+    result = loop.run()
+    if result.status == "completed":
+        save_artifact(loop.accelerator.unwrap_model(loop.model), tokenizer, cfg.method, cfg.model, run_dir / "final")
+        (run_dir / "summary.json").write_text(
+            json.dumps({"steps": result.steps, "trainable": trainable, "total": total, **result.metrics},
+                       indent=1), encoding="utf-8")
+        reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
+    return result
+
+
+def _fmt(m: dict[str, float]) -> str:
+    keys = ("loss", "eval_loss", "eval_perplexity")
+    return "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+
+
+def data_check(config: ConfigLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    cfg = resolve_config(config, overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    return check_report(cfg.data, tokenizer, OBJECTIVES[cfg.objective.name].mask_prompt)

@@ -1,0 +1,107 @@
+"""The whole run's config: the sections of config.py plus the `method` and `objective` sections,
+each validated by the config class its registry registers under the section's `name`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from tunelab.config import (
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OutputConfig,
+    Section,
+    TrainConfig,
+    config_path,
+    deep_merge,
+    explain,
+    parse_overrides,
+    pick_config,
+    read_yaml,
+)
+from tunelab.errors import ConfigError
+from tunelab.methods import METHODS
+from tunelab.objectives import OBJECTIVES
+
+
+class RunConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: method_config({"name": "lora"}))
+    objective: SerializeAsAny[ObjectiveConfig] = Field(
+        default_factory=lambda: objective_config({"name": "sft"})
+    )
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _pick_method(cls, v: Any) -> MethodConfig:
+        return v if isinstance(v, MethodConfig) else method_config(v)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _pick_objective(cls, v: Any) -> ObjectiveConfig:
+        return v if isinstance(v, ObjectiveConfig) else objective_config(v)
+
+    @model_validator(mode="after")
+    def _select_best_needs_eval(self) -> RunConfig:
+        if self.train.select_best and self.data.eval is None:
+            raise ValueError("train.select_best needs evaluation data to select by: set data.eval (e.g. a "
+                             "validation split), or train.select_best=false")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none), for refusing a resume under a changed config."""
+        d = self.to_dict()
+        part = {k: d[k] for k in (sections or d)}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
+
+
+def method_config(value: Any) -> MethodConfig:
+    return pick_config("method", value, METHODS)
+
+
+def objective_config(value: Any) -> ObjectiveConfig:
+    return pick_config("objective", value, OBJECTIVES)
+
+
+def build_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    raw = dict(raw)
+    problems: list[str] = []
+    for kind, pick in (("method", method_config), ("objective", objective_config)):
+        if kind in raw:
+            try:
+                raw[kind] = pick(raw[kind])
+            except ConfigError as e:
+                problems += e.message.splitlines()
+                del raw[kind]  # reported; validate the other sections with the default
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems += explain(e, RunConfig).splitlines()
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in problems))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    path = config_path(path) if path is not None else None
+    raw = read_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw, str(path) if path is not None else "<overrides>")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
