@@ -9,10 +9,11 @@ import pytest
 
 from tests.data_fixtures import chat, make_tokenizer, write_jsonl
 from tunelab.config import DataConfig
-from tunelab.data.formats import chat_messages, instruction_messages
+from tunelab.data.formats import validate_record
+from tunelab.data.formats.chat import chat_messages
+from tunelab.data.formats.instruction import instruction_messages
 from tunelab.data.pipeline import detect_format, load_tokenized
 from tunelab.data.templates import BUILTIN_TEMPLATES
-from tunelab.data.validate import validate_record
 from tunelab.errors import DataError
 
 MAX_LEN = 48

@@ -34,7 +34,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     train: str | None = Field(None, description="path: .jsonl/.json/.csv/.parquet or a saved datasets dir")
     eval: str | None = None
-    format: Literal["auto", "text", "instruction", "chat", "preference", "ranking", "prompt", "classification"] = "auto"
+    format: str = Field("auto", description="auto (detected), or a registered format (data/formats/): text, "
+                        "instruction, chat, preference, ranking, prompt, classification")
     max_length: int = Field(512, gt=1)
     packing: bool = False
     on_error: Literal["raise", "skip"] = "raise"

@@ -22,7 +22,7 @@ from typing import Any
 
 from tunelab.data.templates import tokenize_text
 from tunelab.data.types import IGNORE, Example
-from tunelab.data.validate import RecordError, validate_record
+from tunelab.data.validate import Problem, RecordError, text_field, type_name
 from tunelab.errors import DataError
 
 
@@ -35,6 +35,21 @@ def sort_labels(names: Iterable[str]) -> list[str]:
         return 1, 0, name
 
     return sorted(set(names), key=key)
+
+
+def check_record(r: dict[str, Any]) -> Problem | None:
+    """The first problem of a `{"text", "label"}` record, or None."""
+    problem = text_field(r, "text")
+    if problem is not None:
+        return problem
+    if "label" not in r:
+        return Problem("missing field", "missing field 'label'")
+    label = r["label"]
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        return Problem("wrong type", f"label must be an int or a string, got {type_name(label)}")
+    if isinstance(label, str) and not label.strip():
+        return Problem("empty text", "label is empty")
+    return None
 
 
 def label_order(train_records: Iterable[tuple[str, Any]], explicit: Sequence[str] | None = None) -> list[str]:
@@ -50,7 +65,7 @@ def label_order(train_records: Iterable[tuple[str, Any]], explicit: Sequence[str
         return names
     names = sort_labels(
         str(r["label"]) for _, r in train_records
-        if isinstance(r, dict) and validate_record(r, "classification") is None
+        if isinstance(r, dict) and check_record(r) is None
     )
     if len(names) < 2:
         raise DataError(f"the training data has {len(names)} distinct label(s) {names}; classification needs 2 or more",
@@ -58,10 +73,7 @@ def label_order(train_records: Iterable[tuple[str, Any]], explicit: Sequence[str
     return names
 
 
-def refuse_packing(packing: bool) -> None:
-    if packing:
-        raise DataError("data.packing cannot be used with classification: a head pools one example per row",
-                        fix="set data.packing=false")
+NO_PACKING = "classification: a head pools one example per row"
 
 
 def classification_example(record: dict[str, Any], where: str, tokenizer: Any, labels: Sequence[str]) -> Example:

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from tunelab.config import DataConfig
-from tunelab.data import classify, preference
-from tunelab.data.formats import RENDERED, to_messages
+from tunelab.data.formats import FORMATS, EncodeContext, detect_format, resolve_format
 from tunelab.data.sources import read_records, resolve_source
-from tunelab.data.templates import ChatTemplate, resolve_template, tokenize_chat, tokenize_text
+from tunelab.data.templates import ChatTemplate, resolve_template
 from tunelab.data.types import IGNORE, Example, TokenizedData
-from tunelab.data.validate import RecordError, detect_format, resolve_format, validate_record
+from tunelab.data.validate import RecordError
 from tunelab.errors import DataError
 
 __all__ = ["load_tokenized", "read_records", "detect_format", "render_example", "fingerprint", "split_path"]
@@ -37,15 +36,16 @@ def render_example(
     `chat_template`: built-in name, .jinja path, Jinja source, or None for the tokenizer's own.
     Raises RecordError (a DataError) when the record is unusable.
     """
-    if fmt not in RENDERED:
-        raise DataError(f"format {fmt!r} is not turned into tokens here; renderable: {', '.join(RENDERED)}")
-    problem = validate_record(record, fmt)
+    spec = FORMATS.get(fmt)
+    if spec is None or not spec.rendered:
+        rendered = ", ".join(name for name, s in FORMATS.items() if s.rendered)
+        raise DataError(f"format {fmt!r} is not turned into tokens here; renderable: {rendered}")
+    problem = spec.validate(record)
     if problem is not None:
         raise RecordError(problem.kind, problem.reason)
-    if fmt == "text":
-        return tokenize_text(tokenizer, record["text"])
-    template = resolve_template(chat_template, tokenizer)
-    return tokenize_chat(tokenizer, template, to_messages(record, fmt), mask_prompt)
+    template = resolve_template(chat_template, tokenizer) if spec.chat else None
+    (ex,) = spec.encode(record, "", EncodeContext(tokenizer, template, mask_prompt))
+    return ex.input_ids, ex.labels
 
 
 @dataclass
@@ -88,58 +88,37 @@ def build(
             "auto-detection guessed wrong)",
         )
     out = Built(path, fmt, n_records=len(records))
-    # --- classification (data/classify.py): one label order for every split, from the training file
-    if fmt == "classification" and tokenizer is not None:
-        classify.refuse_packing(cfg.packing)
+    spec = FORMATS[fmt]
+    if spec.no_packing and cfg.packing and tokenizer is not None:
+        raise DataError(f"data.packing cannot be used with {spec.no_packing}", fix="set data.packing=false")
+    if spec.label_order is not None and tokenizer is not None:  # one label order for every split: the train file's
         train = split_path(cfg, "train") if cfg.train is not None else path
-        out.labels = classify.label_order(records if train == path else read_records(train), labels)
-    # ---
-    if fmt in preference.PAIR_FORMATS and cfg.packing:
-        raise DataError("data.packing cannot be used with preference data: chosen and rejected replies are scored "
-                        "one per row", fix="set data.packing=false")
-    chat_like = ("instruction", "chat", preference.PROMPT_FORMAT, *preference.PAIR_FORMATS)
-    template = resolve_template(cfg.chat_template, tokenizer, log) if fmt in chat_like else None
+        out.labels = spec.label_order(records if train == path else read_records(train), labels)
+    template = resolve_template(cfg.chat_template, tokenizer, log) if spec.chat and tokenizer is not None else None
+    ctx = EncodeContext(tokenizer, template, mask_prompt, out.labels)
     for where, record in records:
-        _one(out, where, record, cfg, tokenizer, mask_prompt, template)
+        _one(out, where, record, cfg, ctx)
     return out
 
 
-def _one(out: Built, where: str, record: Any, cfg: DataConfig, tokenizer: Any, mask: bool, template: Any) -> None:
+def _one(out: Built, where: str, record: Any, cfg: DataConfig, ctx: EncodeContext) -> None:
     if isinstance(record, RecordError):
         out.bad.append((where, record.kind, record.reason))
         return
-    problem = validate_record(record, out.fmt)
+    spec = FORMATS[out.fmt]
+    problem = spec.validate(record)
     if problem is not None:
         out.bad.append((where, problem.kind, problem.reason))
         return
-    # --- classification (data/classify.py)
-    if out.fmt == "classification" and tokenizer is not None:
-        try:
-            _keep(out, classify.classification_example(record, where, tokenizer, out.labels), cfg)
-        except RecordError as e:
-            out.bad.append((where, e.kind, e.reason))
-        return
-    # ---
-    # --- preference pairs (data/preference.py): one example per (chosen, rejected) pair
-    if out.fmt in preference.PAIR_FORMATS and tokenizer is not None:
-        try:
-            for ex in preference.pair_examples(record, out.fmt, tokenizer, template, where):
-                _keep(out, ex, cfg)
-        except RecordError as e:
-            out.bad.append((where, e.kind, e.reason))
-        return
-    if out.fmt == preference.PROMPT_FORMAT and tokenizer is not None:
-        _keep(out, preference.prompt_example(record, tokenizer, template, where), cfg)
-        return
-    # ---
-    if out.fmt not in RENDERED or tokenizer is None:
+    if ctx.tokenizer is None:  # validation only (data check without a tokenizer)
         return
     try:
-        ids, labels = render_example(record, out.fmt, tokenizer, mask_prompt=mask, chat_template=template)
+        examples = spec.encode(record, where, ctx)
     except RecordError as e:
         out.bad.append((where, e.kind, e.reason))
         return
-    _keep(out, Example(ids, labels, where), cfg)
+    for ex in examples:
+        _keep(out, ex, cfg)
 
 
 def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
@@ -260,8 +239,6 @@ def load_tokenized(
     """
     path = split_path(cfg, split)
     out = build(path, cfg, tokenizer, mask_prompt, formats, log, labels)
-    if out.fmt not in (*RENDERED, "classification", preference.PROMPT_FORMAT, *preference.PAIR_FORMATS):
-        raise DataError(f"{path}: format {out.fmt!r} is validated but not tokenized by load_tokenized")
     enforce(out, cfg, log)
     if not out.kept:
         raise DataError(

@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.data.templates import ChatTemplate, render, tokenize_chat
-from tunelab.data.types import Example
+from tunelab.data.types import Example, Message
 
-Message = dict[str, str]
 PAIR_FORMATS = ("preference", "ranking")
 PROMPT_FORMAT = "prompt"  # {"prompt"} records: what PPO generates replies to
+NO_PACKING = "preference data: chosen and rejected replies are scored one per row"
 
 
 def prompt_messages(prompt: str | list[Message]) -> list[Message]:

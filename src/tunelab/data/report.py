@@ -10,9 +10,9 @@ from collections import Counter
 from typing import Any
 
 from tunelab.config import DataConfig
+from tunelab.data.formats import FORMATS
 from tunelab.data.pipeline import Built, build, lost_share
 from tunelab.data.types import IGNORE, Example
-from tunelab.data.validate import FORMATS
 
 MAX_LISTED = 50
 

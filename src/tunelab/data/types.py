@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 IGNORE = -100  # label of a token that is not trained
+Message = dict[str, str]  # one chat turn: {"role", "content"}
 
 
 @dataclass(frozen=True)

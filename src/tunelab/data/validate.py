@@ -1,4 +1,4 @@
-"""Structural checks of records, one reason per bad record, and detection of a dataset's format.
+"""The pieces every format's check is made of (formats/): problems, fields, prompts, chats.
 
 Each check returns `None` for a good record or a `Problem(kind, reason)`: `kind` groups problems
 for the counts printed under `on_error: skip`, `reason` is the text after `file:line: `.
@@ -7,14 +7,12 @@ Checks run before any tokenizer or model is touched, so a broken file fails in s
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tunelab.errors import DataError
 
-FORMATS = ("text", "instruction", "chat", "preference", "ranking", "prompt", "classification")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names -> roles; "user"/"assistant" are accepted there too.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -35,53 +33,6 @@ class RecordError(DataError):
         self.reason = reason
 
 
-def detect_format(record: dict[str, Any]) -> str | None:
-    """The format a record's keys point to, or None. The most specific key set wins."""
-    keys = set(record)
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "preference"
-    if {"prompt", "responses"} <= keys:
-        return "ranking"
-    if "messages" in keys or "conversations" in keys:
-        return "chat"
-    if "instruction" in keys:
-        return "instruction"
-    if {"text", "label"} <= keys:
-        return "classification"
-    if "text" in keys:
-        return "text"
-    if "prompt" in keys:
-        return "prompt"
-    return None
-
-
-def resolve_format(configured: str, records: Sequence[tuple[str, Any]], path: str) -> str:
-    """`configured` unless it is "auto"; then the one format every recognizable record agrees on."""
-    if configured != "auto":
-        return configured
-    seen: Counter[str] = Counter()
-    first: dict[str, str] = {}
-    for where, record in records:
-        fmt = detect_format(record) if isinstance(record, dict) else None
-        if fmt is not None:
-            seen[fmt] += 1
-            first.setdefault(fmt, where)
-    if len(seen) > 1 and "prompt" in seen:  # a lone prompt beside other records is an incomplete pair/ranking
-        del seen["prompt"]
-    fix = f"set data.format to one of {', '.join(FORMATS)}; records that do not fit it are then listed one by one"
-    if not seen:
-        raise DataError(f"{path}: no record has the fields of a known format", fix=fix)
-    if len(seen) > 1:
-        parts = ", ".join(f"{n} look like {fmt} (first at {first[fmt]})" for fmt, n in seen.most_common())
-        raise DataError(f"{path}: records disagree on the format: {parts}", fix=fix)
-    return next(iter(seen))
-
-
-def validate_record(record: dict[str, Any], fmt: str) -> Problem | None:
-    """The first problem that makes `record` unusable as `fmt`, or None."""
-    return _CHECKS[fmt](record)
-
-
 # ----------------------------------------------------------------------------- field helpers
 
 
@@ -90,7 +41,7 @@ def type_name(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _text_field(record: dict[str, Any], key: str, *, required: bool = True, nonempty: bool = True) -> Problem | None:
+def text_field(record: dict[str, Any], key: str, *, required: bool = True, nonempty: bool = True) -> Problem | None:
     if key not in record:
         return Problem("missing field", f"missing field {key!r}") if required else None
     value = record[key]
@@ -101,7 +52,7 @@ def _text_field(record: dict[str, Any], key: str, *, required: bool = True, none
     return None
 
 
-def _first(*checks: Callable[[], Problem | None]) -> Problem | None:
+def first(*checks: Callable[[], Problem | None]) -> Problem | None:
     for check in checks:
         problem = check()
         if problem is not None:
@@ -109,86 +60,16 @@ def _first(*checks: Callable[[], Problem | None]) -> Problem | None:
     return None
 
 
-# ----------------------------------------------------------------------------- per format
+# ----------------------------------------------------------------------------- prompts
 
 
-def _check_text(r: dict[str, Any]) -> Problem | None:
-    return _text_field(r, "text")
-
-
-def _check_instruction(r: dict[str, Any]) -> Problem | None:
-    return _first(
-        lambda: _text_field(r, "instruction"),
-        lambda: _text_field(r, "input", required=False, nonempty=False),
-        lambda: _text_field(r, "output"),
-        lambda: _text_field(r, "system", required=False, nonempty=False),
-    )
-
-
-def _check_chat(r: dict[str, Any]) -> Problem | None:
-    key = "messages" if "messages" in r or "conversations" not in r else "conversations"
-    if key not in r:
-        return Problem("missing field", "missing field 'messages'")
-    return check_messages(r[key], key, need_assistant=True)
-
-
-def _check_prompt(r: dict[str, Any]) -> Problem | None:
+def check_prompt(r: dict[str, Any]) -> Problem | None:
     """A prompt: a string (one user turn) or a list of messages ending before the reply."""
     if "prompt" not in r:
         return Problem("missing field", "missing field 'prompt'")
     if isinstance(r["prompt"], list):
         return check_messages(r["prompt"], "prompt", need_assistant=False)
-    return _text_field(r, "prompt")
-
-
-def _check_preference(r: dict[str, Any]) -> Problem | None:
-    problem = _first(lambda: _check_prompt(r), lambda: _text_field(r, "chosen"), lambda: _text_field(r, "rejected"))
-    if problem is None and r["chosen"] == r["rejected"]:
-        return Problem("repeated response", "chosen and rejected are the same reply: the pair prefers nothing")
-    return problem
-
-
-def _check_ranking(r: dict[str, Any]) -> Problem | None:
-    """`responses`: two or more distinct strings, best first."""
-    problem = _check_prompt(r)
-    if problem is not None:
-        return problem
-    responses = r.get("responses")
-    if not isinstance(responses, list):
-        return Problem("wrong type", f"responses must be a list of strings (best first), got {type_name(responses)}")
-    if len(responses) < 2:
-        return Problem("too few responses", f"responses has {len(responses)} item(s); a ranking needs 2 or more")
-    for i, x in enumerate(responses):
-        if not isinstance(x, str) or not x.strip():
-            return Problem("wrong type", f"responses[{i}] must be a non-empty string, got {type_name(x)}")
-    if len(set(responses)) != len(responses):
-        return Problem("repeated response", "responses repeats a response: a ranking needs distinct responses")
-    return None
-
-
-def _check_classification(r: dict[str, Any]) -> Problem | None:
-    problem = _text_field(r, "text")
-    if problem is not None:
-        return problem
-    if "label" not in r:
-        return Problem("missing field", "missing field 'label'")
-    label = r["label"]
-    if isinstance(label, bool) or not isinstance(label, (int, str)):
-        return Problem("wrong type", f"label must be an int or a string, got {type_name(label)}")
-    if isinstance(label, str) and not label.strip():
-        return Problem("empty text", "label is empty")
-    return None
-
-
-_CHECKS: dict[str, Callable[[dict[str, Any]], Problem | None]] = {
-    "text": _check_text,
-    "instruction": _check_instruction,
-    "chat": _check_chat,
-    "preference": _check_preference,
-    "ranking": _check_ranking,
-    "prompt": _check_prompt,
-    "classification": _check_classification,
-}
+    return text_field(r, "prompt")
 
 
 # ----------------------------------------------------------------------------- chats

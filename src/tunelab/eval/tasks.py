@@ -33,7 +33,8 @@ from typing import Any
 from torch import nn
 
 from tunelab.artifacts import load
-from tunelab.data.formats import chat_messages, instruction_messages
+from tunelab.data.formats.chat import chat_messages
+from tunelab.data.formats.instruction import instruction_messages
 from tunelab.data.pipeline import render_example
 from tunelab.data.sources import read_records
 from tunelab.data.templates import tokenize_text

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from tunelab.data.collate import collate
+from tunelab.data.formats import detect_format, validate_record
 from tunelab.data.preference import ranked_pairs, reply_example
 from tunelab.data.templates import resolve_template
-from tunelab.data.validate import detect_format, validate_record
 from tunelab.errors import DataError, TunelabError
 from tunelab.inference.generation import pad_id
 
