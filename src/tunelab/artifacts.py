@@ -24,7 +24,7 @@ from tunelab.config import ModelConfig, pick_config, read_yaml
 from tunelab.errors import TunelabError
 from tunelab.methods import METHODS
 from tunelab.methods.registry import load_trainable
-from tunelab.modeling.load import check_weight_files, load_model, load_tokenizer, resolve_path
+from tunelab.modeling.load import check_adapter_weights, check_weight_files, load_model, load_tokenizer, resolve_path
 from tunelab.owned import staging, swap
 
 METHOD_FILE = "tunelab_method.json"
@@ -54,11 +54,13 @@ def load_delta_config(path: Path) -> Any:
     return pick_config("method", json.loads((path / METHOD_FILE).read_text(encoding="utf-8"))["method"], METHODS)
 
 
-def load_delta(path: Path, training: bool = False) -> nn.Module:
-    """Base model + the method applied + its saved state."""
+def load_delta(path: Path, training: bool = False, trust: ModelConfig | None = None) -> nn.Module:
+    """Base model + the method applied + its saved state. The artifact names its base; whether code
+    or pickle may run comes from `trust` (the current command), never from the artifact's file."""
     meta = json.loads((path / METHOD_FILE).read_text(encoding="utf-8"))
     cfg = load_delta_config(path)
-    model = METHODS[cfg.name].apply(load_model(ModelConfig(**meta["base_model"]), training=training), cfg)
+    base = untrusted(ModelConfig.model_validate(meta["base_model"]), trust)
+    model = METHODS[cfg.name].apply(load_model(base, training=training), cfg)
     load_trainable(model, load_file(str(path / STATE_FILE)))
     return model
 
@@ -72,8 +74,9 @@ def load(
 ) -> tuple[nn.Module, Any]:
     """A run dir (its final model), a peft adapter dir, a model dir or a hub id -> (model, tokenizer)."""
     p = Path(path)
+    trust = ModelConfig(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if (p / "config.yaml").is_file() and (p / "final").is_dir():
-        model_cfg = run_model_config(p)
+        model_cfg = untrusted(run_model_config(p), trust)
         final = p / "final"
         if model_cfg.keep_layers is not None and not is_delta(final) and not (final / "adapter_config.json").is_file():
             model_cfg = model_cfg.model_copy(update={"keep_layers": None})  # a saved full model has only those layers
@@ -84,6 +87,13 @@ def load(
     return _load_model_dir(p, cfg, training)
 
 
+def untrusted(cfg: ModelConfig, trust: ModelConfig | None) -> ModelConfig:
+    """`cfg` read from a file someone may have shared (a run's config.yaml, an artifact's json), with
+    `trust_remote_code` and `allow_pickle` taken from the current command (`trust`), never the file."""
+    grant = trust or ModelConfig()
+    return cfg.model_copy(update={"trust_remote_code": grant.trust_remote_code, "allow_pickle": grant.allow_pickle})
+
+
 def run_model_config(run_dir: Path) -> ModelConfig:
     """The `model` section of a run dir's config.yaml."""
     return ModelConfig.model_validate(read_yaml(run_dir / "config.yaml").get("model", {}))
@@ -92,9 +102,10 @@ def run_model_config(run_dir: Path) -> ModelConfig:
 def _load_model_dir(p: Path, cfg: ModelConfig, training: bool) -> tuple[nn.Module, Any]:
     check_weight_files(p)
     if is_delta(p):
-        return load_delta(p, training), load_tokenizer(cfg, str(p))
+        return load_delta(p, training, cfg), load_tokenizer(cfg, str(p))
     adapter = p / "adapter_config.json"
     if adapter.is_file():
+        check_adapter_weights(p, cfg.allow_pickle)
         base_name = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
         base_cfg = cfg.model_copy(update={"name_or_path": base_name}) if cfg.name_or_path == str(p) else cfg
         base = load_model(base_cfg, training=training)

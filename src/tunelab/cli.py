@@ -3,6 +3,7 @@ lines with the fix and exit non-zero (2 for bad input); no traceback."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -18,6 +19,10 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets
 app.add_typer(data_app, name="data")
 
 OVERRIDES = typer.Argument(None, help="overrides as section.key=value, e.g. train.max_steps=200")
+# The only grants of code execution and unpickling: this command's own flags (a run dir's or an
+# artifact's settings never grant them; artifacts.untrusted).
+TRUST_CODE = typer.Option(False, "--trust-remote-code", help="let the model folder's own Python code run (auto_map)")
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="load .bin/.pt weights (unpickling can run code)")
 
 
 def _print_json(obj: Any) -> None:
@@ -61,13 +66,16 @@ def eval_(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="default: 8 for --data, 32 for tasks"),
     all_tokens: bool = typer.Option(False, "--all-tokens", help="score prompts too, not only assistant turns"),
     as_json: bool = typer.Option(False, "--json"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Evaluate a model: task metrics (--task), the forgetting probe (--forgetting), loss and perplexity (--data)."""
     from tunelab import api
 
     tasks = tasks or []
     m = api.evaluate(model, data, fmt=fmt, max_length=max_length, batch_size=batch_size, all_tokens=all_tokens,
-                     tasks=tasks, forgetting=forgetting, base=base, limit=limit)
+                     tasks=tasks, forgetting=forgetting, base=base, limit=limit, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
     if as_json:
         _print_json(m)
     elif not tasks and not forgetting:
@@ -87,12 +95,14 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
     no_chat: bool = typer.Option(False, "--no-chat", help="continue the raw prompt, no chat template"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Generate a reply (greedy by default)."""
     from tunelab import api
 
     typer.echo(api.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                            chat=not no_chat))
+                            chat=not no_chat, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
 
 
 @app.command()
@@ -103,11 +113,14 @@ def score(
     limit: int | None = typer.Option(None, "--limit", min=1, help="score the first N records"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="one JSON object: records, pairs, accuracy"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Print a reward model's rewards for replies; ranked records also give pairwise accuracy."""
     from tunelab import api
 
-    out = api.score(model, data, limit=limit, batch_size=batch_size)
+    out = api.score(model, data, limit=limit, batch_size=batch_size, trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle)
     if as_json:
         _print_json(out)
         return
@@ -124,12 +137,15 @@ def export(
     merge: bool = typer.Option(False, "--merge", help="merge the adapter into a plain transformers model"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty folder tunelab did not make, beside "
                                "its files (none is deleted or replaced)"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Export a trained model: its adapter, or merged into the base. A previous export in --out is
     replaced; a folder with other files is refused (see --force)."""
     from tunelab import api
 
-    typer.echo(str(api.export(run, out, merge=merge, force=force)))
+    typer.echo(str(api.export(run, out, merge=merge, force=force, trust_remote_code=trust_remote_code,
+                              allow_pickle=allow_pickle)))
 
 
 @data_app.command("check")
@@ -223,6 +239,11 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+# Errors of the file system that come from what the user pointed at, not from tunelab: one line.
+_USER_OS_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EISDIR,
+                   errno.ENOTDIR, errno.ELOOP}
+
+
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:
@@ -233,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        typer.echo(f"error: {e.strerror}{where}", err=True)
+        sys.exit(EXIT_USER_ERROR)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click's usage errors arrive here in non-standalone mode

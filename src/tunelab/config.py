@@ -10,13 +10,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tunelab.errors import ConfigError
 
+HUGE = 10**9  # no count in a config (steps, ranks, tokens ...) is this large; larger is a typo
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite number anywhere in a config is refused, naming the key
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _not_huge(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > HUGE and info.field_name != "seed":
+            shown = str(v) if v.bit_length() < 64 else f"a {int(v.bit_length() * 0.30103) + 1}-digit number"
+            raise ValueError(f"{shown} is out of range (at most {HUGE:,})")
+        return v
 
 
 class ModelConfig(Section):
@@ -36,7 +47,7 @@ class DataConfig(Section):
     eval: str | None = None
     format: str = Field("auto", description="auto (detected), or a registered format (data/formats/): text, "
                         "instruction, chat, preference, ranking, prompt, classification")
-    max_length: int = Field(512, gt=1)
+    max_length: int = Field(512, gt=1, le=10**7)
     packing: bool = False
     on_error: Literal["raise", "skip"] = "raise"
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
@@ -59,19 +70,19 @@ class ObjectiveConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    max_steps: int | None = Field(None, gt=0, le=10**9, description="optimizer steps; overrides epochs")
     epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0, description="sequences (packed rows when packing) per micro-batch")
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0, le=10**6, description="sequences (packed rows when packing) per micro-batch")
+    grad_accum: int = Field(1, gt=0, le=10**6)
+    lr: float = Field(2e-4, gt=0, le=100, description="peak learning rate (above 100 is a typo, not a schedule)")
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: int | float = Field(0, ge=0, description="steps (int) or a fraction of all steps (float < 1)")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final lr / peak lr for cosine and linear")
     weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's beta1, beta2, each in [0, 1)")
     adam_eps: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(1.0, description="clip threshold; null disables clipping")
-    seed: int = 42
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip threshold; null disables clipping")
+    seed: int = Field(42, ge=0, lt=2**63, description="drives python, numpy, torch and the data order")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     eval_every: int = Field(0, ge=0, description="steps between evals; 0: only at the end")
@@ -84,6 +95,13 @@ class TrainConfig(Section):
     max_consecutive_skips: int = Field(5, gt=0)
     log_every: int = Field(1, gt=0)
     tensorboard: bool = True
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
 
     @field_validator("warmup")
     @classmethod
@@ -109,8 +127,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"bad override {item!r}", fix="write overrides as section.key=value")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int past Python's digit limit
             value = raw
+        if _expanded_size(value, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+            raise ConfigError(f"override {key}: expands to more than {MAX_CONFIG_VALUES:,} values through YAML "
+                              "aliases", fix="write the value without repeated aliases")
         node = nested
         *parents, leaf = key.split(".")
         for p in parents:
@@ -149,21 +170,60 @@ def config_path(path: str | Path) -> Path:
                       fix="pass the path of a YAML file, or a shipped config: " + ", ".join(shipped_configs()))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a small text file
+MAX_CONFIG_VALUES = 100_000  # after YAML aliases are expanded: refuses "billion laughs" alias bombs
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, safely: safe_load (no Python tags), text only, bounded size,
+    bounded alias expansion. Every failure is a ConfigError naming the file (and line)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file", fix="pass the path of a YAML file, e.g. configs/sft-lora.yaml")
+    data = p.read_bytes()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: {len(data):,} bytes is not a config (at most {MAX_CONFIG_BYTES:,})",
+                          fix="pass a YAML config file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (invalid UTF-8 at byte {e.start})", fix="pass a YAML config file") \
+            from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text file (it holds NUL bytes)", fix="pass a YAML config file")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except ValueError as e:  # an integer past Python's digit limit
+        raise ConfigError(f"{p}: not a usable config ({str(e).split(';')[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, method, ...)")
+    if _expanded_size(raw, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{p}: expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases "
+                          "(an alias bomb, or a recursive alias)", fix="write the config without repeated aliases")
     return raw
+
+
+def _expanded_size(value: Any, cap: int) -> int:
+    """Values in `value` counting every reference to a shared node again, as code walking it would;
+    stops counting past `cap` (so a recursive structure ends too)."""
+    n, stack = 0, [value]
+    while stack and n <= cap:
+        v = stack.pop()
+        n += 1
+        if isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, (list, tuple)):
+            stack += list(v)
+    return n
 
 
 def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
@@ -183,20 +243,36 @@ def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
 
 
 def explain(e: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """A pydantic error as `key: problem` lines, unknown keys with the allowed ones."""
-    lines = []
+    """A pydantic error as one `key: problem` line per key (a union's branches and a list's items
+    joined), unknown keys with the allowed ones."""
+    by_key: dict[str, list[str]] = {}
     for err in e.errors():
         parts = [prefix] if prefix else []
-        parts += [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        parts += _key_parts(err["loc"])
         loc = ".".join(parts) or "config"  # a cross-section check of the whole config has no key
         if err["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key; allowed: {_allowed(model, err['loc'])}")
+            text = f"unknown key; allowed: {_allowed(model, err['loc'])}"
         else:
-            msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"{loc}: {msg}{shown}")
-    return "\n".join(lines)
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            text = err["msg"].removeprefix("Value error, ") + shown
+        if text not in by_key.setdefault(loc, []):
+            by_key[loc].append(text)
+    return "\n".join(f"{loc}: {'; or '.join(texts)}" for loc, texts in by_key.items())
+
+
+def _key_parts(loc: tuple[Any, ...]) -> list[str]:
+    """The config keys of an error location, without list indices and pydantic's type tags
+    (`list[str]`, `function-after[...]`, `str` ...), so that every error about one key shares it."""
+    out = []
+    for p in loc:
+        if isinstance(p, int) or "[" in str(p) or str(p) in _TYPE_TAGS:
+            break
+        out.append(str(p))
+    return out
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "literal"}
 
 
 def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str:

@@ -55,8 +55,17 @@ def _as_record(value: object) -> dict[str, Any] | Exception:
     return RecordError("not an object", f"not a JSON object (got {type_name(value)})")
 
 
-def _json_error(e: json.JSONDecodeError) -> RecordError:
-    return RecordError("bad JSON", f"bad JSON: {e.msg} (column {e.colno})")
+def _json_error(e: Exception) -> RecordError:
+    """A line json cannot turn into a value: bad syntax, an integer past Python's digit limit
+    (ValueError), or nesting deeper than the interpreter's recursion limit."""
+    if isinstance(e, json.JSONDecodeError):
+        return RecordError("bad JSON", f"bad JSON: {e.msg} (column {e.colno})")
+    if isinstance(e, RecursionError):
+        return RecordError("bad JSON", "bad JSON: nested too deeply")
+    return RecordError("bad JSON", f"bad JSON: {str(e).split(';')[0]}")
+
+
+_BAD_JSON = (ValueError, RecursionError)  # json.JSONDecodeError is a ValueError
 
 
 def _read_jsonl(p: Path, name: str) -> Iterator[Record]:
@@ -75,8 +84,8 @@ def _parse_line(raw: bytes) -> dict[str, Any] | Exception | None:
     if not text.strip():
         return None
     try:
-        return _as_record(json.loads(text))
-    except json.JSONDecodeError as e:
+        return _check_surrogates(_as_record(json.loads(text)))
+    except _BAD_JSON as e:
         return _json_error(e)
 
 
@@ -121,38 +130,59 @@ def _json_array_items(text: str, pos: int, name: str) -> Iterator[Record]:
         where = f"{name}:{text.count(chr(10), 0, pos) + 1}"
         try:
             value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: bad JSON: {e.msg}", fix="fix the file's JSON syntax") from None
+        except _BAD_JSON as e:
+            raise DataError(f"{where}: {_json_error(e).reason}", fix="fix the file's JSON syntax") from None
         yield where, _check_surrogates(_as_record(value))
         expect_item = False
 
 
 def _check_surrogates(record: dict[str, Any] | Exception) -> dict[str, Any] | Exception:
-    """A record decoded with surrogateescape holds lone surrogates where its bytes were not UTF-8."""
-    if isinstance(record, dict) and _has_surrogates(record):
+    """Lone surrogates are not text: a record decoded with surrogateescape holds them where its
+    bytes were not UTF-8 (\udc80-\udcff), and a JSON escape such as "\\ud800" puts one in a string.
+    A tokenizer cannot encode either."""
+    if not isinstance(record, dict):
+        return record
+    found = _surrogate(record)
+    if found is None:
+        return record
+    if "\udc80" <= found <= "\udcff":
         return RecordError("invalid UTF-8", "invalid UTF-8")
-    return record
+    return RecordError("invalid text", f"a lone surrogate (\\u{ord(found):04x}) is not text")
 
 
-def _has_surrogates(value: object) -> bool:
-    if isinstance(value, str):
-        return any("\udc80" <= ch <= "\udcff" for ch in value)
-    if isinstance(value, dict):
-        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogates(v) for v in value)
-    return False
+def _surrogate(value: object) -> str | None:
+    """The first lone surrogate in a record's strings, or None (iterative: records may nest deeply)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            for ch in v:
+                if "\ud800" <= ch <= "\udfff":
+                    return ch
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return None
 
 
 def _read_csv(p: Path, name: str) -> Iterator[Record]:
-    reader = csv.DictReader(io.StringIO(_decode_whole(p), newline=""))
-    if reader.fieldnames is None:
+    # The csv module refuses fields over 128 KiB by default; a long document is a record like any
+    # other (the over-length policy applies after tokenizing), so lift the limit to the file's size.
+    csv.field_size_limit(max(csv.field_size_limit(), min(p.stat().st_size + 1, 2**31 - 1)))
+    reader = csv.reader(io.StringIO(_decode_whole(p), newline=""))
+    header = next(reader, None)
+    if header is None:
         return
-    start = reader.line_num + 1
     for row in reader:
-        where = f"{name}:{start}"
-        start = reader.line_num + 1
-        yield where, _check_surrogates(_csv_record(row))
+        if not row:  # a blank line
+            continue
+        # a row ends at reader.line_num and spans one line more than the line breaks in its cells
+        start = reader.line_num - sum(cell.count("\n") for cell in row)
+        record: dict[str | None, Any] = dict(zip(header, row, strict=False))  # fewer cells: fields absent
+        if len(row) > len(header):
+            record[None] = row[len(header):]
+        yield f"{name}:{start}", _check_surrogates(_csv_record(record))
 
 
 def _csv_record(row: dict[str | None, Any]) -> dict[str, Any] | Exception:
@@ -164,8 +194,8 @@ def _csv_record(row: dict[str | None, Any]) -> dict[str, Any] | Exception:
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
                 record[key] = json.loads(cell)
-            except json.JSONDecodeError as e:
-                return RecordError("bad JSON", f"bad JSON in column {key!r}: {e.msg}")
+            except _BAD_JSON as e:
+                return RecordError("bad JSON", f"{_json_error(e).reason} in column {key!r}")
     return record
 
 

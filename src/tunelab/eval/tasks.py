@@ -295,11 +295,14 @@ def read_eval_records(path: str | Path, limit: int | None = None) -> list[dict[s
     return [r for _, r in good[:limit]] if limit is not None else [r for _, r in good]
 
 
-def load_model_or_run(model_or_run: str | Path | tuple[nn.Module, Any]) -> tuple[nn.Module, Any]:
-    """A (model, tokenizer) pair as is; anything else goes through `artifacts.load`."""
+def load_model_or_run(
+    model_or_run: str | Path | tuple[nn.Module, Any], *, trust_remote_code: bool = False, allow_pickle: bool = False,
+) -> tuple[nn.Module, Any]:
+    """A (model, tokenizer) pair as is; anything else goes through `artifacts.load` (the trust flags
+    are the current command's: artifacts.untrusted)."""
     if isinstance(model_or_run, tuple):
         return model_or_run
-    return load(model_or_run)
+    return load(model_or_run, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 

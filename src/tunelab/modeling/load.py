@@ -7,6 +7,7 @@ unless `model.allow_pickle` is set. `trust_remote_code` is off unless the user t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,31 @@ def check_weights_safe(path: str, allow_pickle: bool) -> None:
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
+def check_adapter_weights(folder: Path, allow_pickle: bool) -> None:
+    """A peft adapter folder whose weights are only pickle (`adapter_model.bin`) is refused like a
+    model folder's: peft would unpickle it."""
+    if allow_pickle or (folder / "adapter_model.safetensors").is_file():
+        return
+    pickled = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    raise UnsafeFileError(
+        f"{folder}: adapter weights only in pickle format ({', '.join(pickled) or 'no adapter_model.safetensors'})",
+        fix="convert them to safetensors (adapter_model.safetensors), or pass --allow-pickle if you trust the source")
+
+
+def _custom_code_error(path: str, e: Exception) -> TunelabError | None:
+    """transformers' refusal of a model that needs its own code, as a tunelab error (else None)."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return UnsafeFileError(f"{path}: this model needs its own Python code to load (auto_map), which runs only "
+                           "when you allow it", fix="if you trust the folder, set model.trust_remote_code=true in "
+                           "your config, or pass --trust-remote-code")
+
+
+def _announce_remote_code(cfg: ModelConfig, path: str) -> None:
+    if cfg.trust_remote_code:
+        sys.stderr.write(f"note: model.trust_remote_code is on: Python code from {path} may run\n")
+
+
 def check_weight_files(folder: str | Path) -> None:
     """Refuse weight files that are links out of their folder (a shared model folder whose
     `model.safetensors` points at another file would read that file, and an export would copy it;
@@ -106,7 +132,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
-        raise TunelabError(f"cannot load a tokenizer from {path}: {e}", fix="check model.name_or_path") from None
+        raise _custom_code_error(path, e) or TunelabError(
+            f"cannot load a tokenizer from {path}: {e}", fix="check model.name_or_path") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise TunelabError(f"{path}: the tokenizer has neither a pad nor an eos token", fix="add a pad token")
@@ -128,8 +155,13 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, training: bool = Tr
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    _announce_remote_code(cfg, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if (err := _custom_code_error(path, e)) is None:
+            raise
+        raise err from None
     except OSError as e:
         raise TunelabError(f"cannot load a model from {path}: {e}", fix="check model.name_or_path") from None
     if cfg.keep_layers is not None:
@@ -183,7 +215,13 @@ def _dtype(name: str, training: bool) -> torch.dtype:
 
 
 def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    return AutoConfig.from_pretrained(resolve_path(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if (err := _custom_code_error(path, e)) is None:
+            raise
+        raise err from None
 
 
 def linear_targets(model: nn.Module) -> list[str]:

@@ -26,20 +26,21 @@ def evaluate(
     model_path: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], data: str | None = None, *, fmt: str = "auto",
     max_length: int = 1024, batch_size: int | None = None, all_tokens: bool = False,
     tasks: list[str] | tuple[str, ...] = (), forgetting: bool = False, base: str | Path | None = None,
-    limit: int | None = None,
+    limit: int | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens).
 
     With only `data`: {"loss", "perplexity", "tokens"}. With `tasks` (see `evaluate_task`) or
     `forgetting` (see `tunelab.eval.probe.forgetting`; `base` where the model is neither a run nor
     an adapter): one entry per evaluation, keyed by the data path, the task spec and "forgetting";
-    the model is loaded once. `batch_size`: 8 for the loss, 32 for tasks unless given."""
+    the model is loaded once. `batch_size`: 8 for the loss, 32 for tasks unless given.
+    `trust_remote_code` / `allow_pickle`: this command's grant (settings in a run dir never grant them)."""
     for spec in tasks:
         parse_spec(spec)  # unknown names fail before a model is loaded
     if data is None and not tasks and not forgetting:
         raise TunelabError("nothing to evaluate", fix="pass a dataset (--data PATH), a task (--task SPEC) or "
                            "--forgetting")
-    model, tok = load_model_or_run(model_path)
+    model, tok = load_model_or_run(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if forgetting:
         base = probe.base_for(model, model_path, base)
     out: dict[str, Any] = {}
@@ -68,11 +69,11 @@ def evaluate_task(
 @torch.no_grad()
 def generate(
     model_path: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-    chat: bool = True, seed: int = 0,
+    chat: bool = True, seed: int = 0, trust_remote_code: bool = False, allow_pickle: bool = False,
 ) -> str:
     """Reply to `prompt` (a user turn through the chat template, when there is one; else raw text).
     Greedy by default; `temperature > 0` samples."""
-    model, tok = load(model_path)
+    model, tok = load(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     ids = encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))
     torch.manual_seed(seed)
     (reply,) = generate_ids(model, tok, [ids], max_new_tokens=max_new_tokens,
@@ -80,9 +81,12 @@ def generate(
     return tok.decode(reply, skip_special_tokens=True).strip()
 
 
-def score(model_path: str | Path, data: str, *, limit: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+def score(
+    model_path: str | Path, data: str, *, limit: int | None = None, batch_size: int = 32,
+    trust_remote_code: bool = False, allow_pickle: bool = False,
+) -> dict[str, Any]:
     """Rewards of a reward model (objective `reward`) for the replies in `data`; see inference/reward.py."""
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if not is_reward_model(model):
         raise TunelabError(f"{model_path}: not a reward model (a scalar head)",
                            fix="train one with objective.name=reward and method.name=head, method.num_labels=1")

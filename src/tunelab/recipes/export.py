@@ -14,7 +14,10 @@ from tunelab.methods import METHODS
 from tunelab.modeling.load import check_weight_files
 
 
-def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False) -> Path:
+def export(
+    run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False, trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
     """Write a run's final model to `out`: as it is (adapter, delta or full model), or with
     `merge` folded into the base weights as a plain transformers model.
 
@@ -27,7 +30,7 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
     tmp = owned.staging(out)
     try:
         if merge:
-            _save_merged(run, src, tmp)
+            _save_merged(run, src, tmp, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         else:
             shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
     except BaseException:
@@ -36,8 +39,10 @@ def export(run: str | Path, out: str | Path, *, merge: bool = False, force: bool
     return owned.install(tmp, out, "export", what="--out", force=force)
 
 
-def _save_merged(run: str | Path, src: Path, out: Path) -> None:
-    model, tok = load(run)
+def _save_merged(
+    run: str | Path, src: Path, out: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+) -> None:
+    model, tok = load(run, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     elif is_delta(src):

@@ -25,6 +25,7 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.runconfig import RunConfig, build_config, load_config, save_config
 from tunelab.training import checkpoint
 from tunelab.training.events import EventHook
+from tunelab.training.guards import disk_full_guard
 from tunelab.training.loop import Loop, TrainResult
 from tunelab.training.progress import Reporter
 from tunelab.training.state import read_meta, seed_everything
@@ -32,7 +33,7 @@ from tunelab.training.state import read_meta, seed_everything
 # Keys that may change between a run and its resume without changing what is computed.
 RESUME_SAFE = {
     "train.eval_every", "train.save_every", "train.keep_last", "train.log_every", "train.tensorboard",
-    "train.nonfinite", "train.max_consecutive_skips", "output.dir",
+    "train.nonfinite", "train.max_consecutive_skips", "output.dir", "model.trust_remote_code", "model.allow_pickle",
 }
 
 ConfigLike = RunConfig | str | Path | dict[str, Any] | None
@@ -44,8 +45,11 @@ def resolve_config(config: ConfigLike, overrides: list[str] | None = None) -> Ru
         config = config.to_dict()
     if isinstance(config, dict):
         return build_config(deep_merge(config, parse_overrides(overrides or [])))
-    if config is not None and Path(config).is_dir():
-        config = Path(config) / "config.yaml"
+    if config is not None and Path(config).is_dir():  # a run dir: its settings never grant code or pickle
+        raw = read_yaml(Path(config) / "config.yaml")
+        if isinstance(raw.get("model", {}), dict):  # anything else is reported by validation
+            raw["model"] = {**raw.get("model", {}), "trust_remote_code": False, "allow_pickle": False}
+        return build_config(deep_merge(raw, parse_overrides(overrides or [])), str(Path(config) / "config.yaml"))
     return load_config(config, overrides)
 
 
@@ -63,6 +67,8 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # Everything tunelab writes at the top of a run dir: `--overwrite` deletes these and nothing else.
+ABSURD_EPOCHS = 1000  # a plan with more passes over the data than this is warned about
+
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final",
                          "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png", "demo.json"})
 
@@ -134,6 +140,10 @@ def train(
     save_config(cfg, run_dir / "config.yaml")
     loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
                 tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event)
+    if loop.planned_epochs() > ABSURD_EPOCHS:
+        reporter.say(f"warning: this run makes {loop.planned_epochs():,.0f} passes over {len(train_data.examples):,} "
+                     f"training examples ({loop.total_steps:,} steps x grad_accum {cfg.train.grad_accum}); check "
+                     "train.max_steps / train.epochs / train.grad_accum")
     if ckpt is not None:
         if read_meta(ckpt)["data_fingerprint"] != train_data.fingerprint and not allow_changed:
             raise ResumeError(
@@ -142,12 +152,15 @@ def train(
             )
         loop.restore(ckpt)
         reporter.say(f"resumed from {ckpt} (step {loop.step} of {loop.total_steps})")
-    result = loop.run()
+    with disk_full_guard(run_dir, lambda: checkpoint.latest(run_dir / "checkpoints")):
+        result = loop.run()
+        if result.status == "completed":
+            save_artifact(loop.accelerator.unwrap_model(loop.model), tokenizer, cfg.method, cfg.model,
+                          run_dir / "final")
+            (run_dir / "summary.json").write_text(
+                json.dumps({"steps": result.steps, "trainable": trainable, "total": total, **result.metrics},
+                           indent=1), encoding="utf-8")
     if result.status == "completed":
-        save_artifact(loop.accelerator.unwrap_model(loop.model), tokenizer, cfg.method, cfg.model, run_dir / "final")
-        (run_dir / "summary.json").write_text(
-            json.dumps({"steps": result.steps, "trainable": trainable, "total": total, **result.metrics},
-                       indent=1), encoding="utf-8")
         reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
     return result
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.errors import TunelabError
+
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -64,8 +66,15 @@ def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     _fsync(tmp / MANIFEST)
     final = root / f"step-{step}"
+    if final.is_symlink():
+        raise TunelabError(f"{final} is a link, not a checkpoint tunelab wrote: it will not replace it",
+                           fix=f"move {final} away, then continue with --resume")
     if final.exists():  # a stale copy of this step (e.g. from before a resume): replace it
-        shutil.rmtree(final)
+        try:
+            shutil.rmtree(final)
+        except OSError as e:
+            raise TunelabError(f"{final}: cannot replace this stale checkpoint ({e.strerror})",
+                               fix=f"move {final} away (or fix its permissions), then continue with --resume") from None
     os.rename(tmp, final)
     _fsync(root)
     _prune(root, keep_last)
@@ -81,9 +90,11 @@ def verify(ckpt: Path) -> bool:
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:
+    """The `step-N` folders, newest first; a link is never one of ours (never loaded, never deleted)."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink()]
     return sorted(found, reverse=True)
 
 
@@ -98,8 +109,16 @@ def latest(root: Path) -> Path | None:
 def _prune(root: Path, keep_last: int) -> None:
     for _, path in _steps(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_stale(root)
+
+
+def clean_stale(root: Path) -> None:
+    """Remove the temp folders of checkpoints that never committed (a crash, a full disk): they are
+    never loaded, and a run start or a commit clears them."""
+    if root.is_dir():
+        for stale in root.glob(".tmp-step-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- nested state

@@ -1,10 +1,17 @@
-"""Guards around the loop: stop signals turned into a checkpoint, non-finite steps caught."""
+"""Guards around the loop: stop signals turned into a checkpoint, non-finite steps caught, a full
+disk turned into one line that says how to continue."""
 
 from __future__ import annotations
 
+import errno
 import math
 import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
+
+from safetensors import SafetensorError
 
 from tunelab.errors import NonFiniteError, TunelabError
 
@@ -83,3 +90,26 @@ def oom_error(err: BaseException, *, step: int, batch_size: int, grad_accum: int
         f"grad_accum={grad_accum * 2} keeps the effective batch), lower data.max_length, or set "
         "train.gradient_checkpointing=true",
     )
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, SafetensorError) and ("No space left" in str(e) or "StorageFull" in str(e))
+
+
+@contextmanager
+def disk_full_guard(run_dir: Path, last_good: Callable[[], Path | None]) -> Iterator[None]:
+    """A full disk while writing a checkpoint, metrics or the final model becomes a TunelabError
+    naming where it happened and the last good checkpoint (`last_good()`), which --resume continues."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if not _disk_full(e):
+            raise
+        where = getattr(e, "filename", None) or run_dir
+        good = last_good()
+        raise TunelabError(
+            f"disk full at {where}: " + (f"the last good checkpoint is {good.name}" if good else "no checkpoint yet"),
+            fix=f"free space, then continue with: tunelab train {run_dir} --resume" if good else
+            f"free space, then start again: tunelab train ... output.dir={run_dir} --overwrite") from None

@@ -106,8 +106,14 @@ class Loop:
         self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips)
         self.step = 0
         self.tokens_seen = 0
+        checkpoint.clean_stale(self.ckpt_root)
         # select_best: (eval loss, step, that eval's metrics, the trained weights) of the best eval so far
         self.best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
+
+    def planned_epochs(self) -> float:
+        """Passes over the training data the run will make (max_steps and grad_accum decide it)."""
+        per_step = self.cfg.train.grad_accum * self.accelerator.num_processes
+        return self.total_steps * per_step / max(self.stream.micro_batches_per_epoch(), 1)
 
     def _total_steps(self) -> int:
         t = self.cfg.train
