@@ -124,3 +124,20 @@ def test_no_pickle_anywhere_in_src():
 def test_trust_remote_code_off_by_default():
     assert ModelConfig().trust_remote_code is False
     assert ModelConfig().allow_pickle is False
+
+
+def test_data_check_resolves_tinyworld_sources_of_a_shipped_config(capsys):
+    code, out, err = cli(capsys, "data", "check", "sft-lora", "--json")
+    report = json.loads(out)
+    assert code == 0, err
+    assert report["train"]["tokens"]["examples"] > 0 and report["train"]["source"].endswith(".jsonl")
+
+
+def test_data_check_exits_2_when_a_run_would_stop(llama_dir, chat_data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chat_data[0].read_text() + '{"messages": 5}\nnot json\n')
+    cfg = _cfg(tmp_path, llama_dir, (bad, chat_data[1]))
+    code, out, _ = cli(capsys, "data", "check", str(cfg))
+    assert code == 2 and "a run would STOP here" in out and "bad JSON" in out
+    code, out, _ = cli(capsys, "data", "check", str(cfg), "data.on_error=skip", "data.max_bad_fraction=0.5")
+    assert code == 0 and "a run would proceed" in out

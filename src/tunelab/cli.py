@@ -152,12 +152,15 @@ def export(
 def data_check(
     config: str = typer.Argument(...), overrides: list[str] = OVERRIDES, as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Validate the config's datasets: report, token stats, one rendered example with its loss mask."""
+    """Validate the config's datasets: report, token stats, one rendered example with its loss mask.
+    Exit 2 when a run with this config would stop on its data."""
     from tunelab import api
     from tunelab.data.report import format_check_report
 
     report = api.data_check(config, overrides or [])
     typer.echo(json.dumps(report, indent=1, default=str) if as_json else format_check_report(report))
+    if any(isinstance(v, dict) and v["validation"]["run_would_stop"] for v in report.values()):
+        raise typer.Exit(EXIT_USER_ERROR)
 
 
 world_app = typer.Typer(no_args_is_help=True, help="TinyWorld: the synthetic world, its task suite, the tiny base.")

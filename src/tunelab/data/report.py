@@ -12,6 +12,7 @@ from typing import Any
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMATS
 from tunelab.data.pipeline import Built, build, lost_share
+from tunelab.data.sources import resolve_source
 from tunelab.data.types import IGNORE, Example
 
 MAX_LISTED = 50
@@ -23,7 +24,7 @@ def check_report(cfg: DataConfig, tokenizer: Any, mask_prompt: bool) -> dict[str
     for split, path in (("train", cfg.train), ("eval", cfg.eval)):
         if path is None:
             continue
-        out = build(path, cfg, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
+        out = build(resolve_source(path), cfg, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
         report[split] = _split_report(out, cfg)
         if split == "train":
             report[split]["example"] = _example_view(out.kept[0], tokenizer) if out.kept else None
