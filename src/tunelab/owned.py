@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from tunelab.errors import TunelabError
+from tunelab.faults import fault_point
 
 MARKER = ".tunelab-owned.json"
 State = Literal["absent", "empty", "owned", "foreign"]
@@ -93,10 +94,25 @@ def owned_entries(path: Path, legacy: frozenset[str] = frozenset()) -> list[str]
 
 def mark(path: Path, kind: str, entries: list[str]) -> None:
     """Write the marker (atomically: a half-written marker would make the folder foreign)."""
-    tmp = path / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps({"tunelab": 1, "kind": kind, "entries": sorted(set(entries))}, indent=1),
-                   encoding="utf-8")
-    os.replace(tmp, path / MARKER)
+    write_atomic(path / MARKER, json.dumps({"tunelab": 1, "kind": kind, "entries": sorted(set(entries))}, indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a file tunelab rewrites (a run's config.yaml, summary.json, a marker) so that a kill
+    at any moment leaves the old content or the new, never a truncated file: temp file beside it,
+    fsync, rename, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    fault_point(f"write-{path.name}", 0)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove(path: Path) -> None:

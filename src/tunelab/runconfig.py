@@ -30,6 +30,7 @@ from tunelab.config import (
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.objectives import OBJECTIVES
+from tunelab.owned import write_atomic
 
 
 class RunConfig(Section):
@@ -104,4 +105,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    write_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

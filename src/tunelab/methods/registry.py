@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import NoMatchingPeftModuleError
 from torch import nn
 
 from tunelab.config import MethodConfig
+from tunelab.errors import TunelabError
 
 ApplyFn = Callable[[nn.Module, Any], nn.Module]
 
@@ -90,10 +92,29 @@ def register_method(
     def deco(fn: ApplyFn) -> ApplyFn:
         if name in METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, config_cls, fn, family, backend, paper, mergeable, summary, **hooks)
+        METHODS[name] = MethodSpec(name, config_cls, _user_errors(name, fn), family, backend, paper, mergeable,
+                                   summary, **hooks)
         return fn
 
     return deco
+
+
+def _user_errors(name: str, fn: ApplyFn) -> ApplyFn:
+    """`apply` whose failures caused by the config are tunelab errors: modules that match nothing
+    (peft), and weights too large to allocate (e.g. a huge rank)."""
+    def apply(model: nn.Module, cfg: Any) -> nn.Module:
+        try:
+            return fn(model, cfg)
+        except NoMatchingPeftModuleError as e:
+            raise TunelabError(f"method {name}: {' '.join(str(e).split())}",
+                               fix="set method.target_modules to module names of this model (the error lists "
+                               "them), or a keyword: all-linear, attention") from None
+        except RuntimeError as e:
+            if "alloc" not in str(e) and "memory" not in str(e):
+                raise
+            raise TunelabError(f"method {name}: its weights do not fit in memory ({str(e).splitlines()[0][:120]})",
+                               fix="lower the method's size settings (e.g. method.r)") from None
+    return apply
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

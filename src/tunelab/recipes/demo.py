@@ -23,6 +23,7 @@ from tunelab.data.sources import resolve_source
 from tunelab.errors import TunelabError
 from tunelab.eval.probe import forgetting
 from tunelab.eval.suite import evaluate_task
+from tunelab.owned import write_atomic
 from tunelab.recipes.run import train
 
 CONFIG = SHIPPED_CONFIGS / "sft-lora.yaml"
@@ -57,7 +58,7 @@ def run_demo(out: str | Path = "runs/demo") -> dict[str, Any]:
         "forgetting_drop_points": probe["drop"]["cloze_accuracy_points"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (Path(result.run_dir) / "demo.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_atomic(Path(result.run_dir) / "demo.json", json.dumps(summary, indent=1))
     console.print(_table(summary))
     console.print(
         f"forgetting: probe cloze accuracy dropped {summary['forgetting_drop_points']:.1f} points; "

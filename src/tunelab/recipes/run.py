@@ -8,6 +8,7 @@ Continual stages, a search or a compare driver call `train` with a config (or a 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ from tunelab.config import deep_merge, parse_overrides, read_yaml
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.report import check_report
 from tunelab.errors import ResumeError, TunelabError
+from tunelab.faults import fault_point
 from tunelab.methods import METHODS, count_parameters
 from tunelab.modeling.load import load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES
 from tunelab.runconfig import RunConfig, build_config, load_config, save_config
 from tunelab.training import checkpoint
 from tunelab.training.events import EventHook
-from tunelab.training.guards import disk_full_guard
+from tunelab.training.guards import StopSignal, disk_full_guard
 from tunelab.training.loop import Loop, TrainResult
 from tunelab.training.progress import Reporter
 from tunelab.training.state import read_meta, seed_everything
@@ -80,9 +82,13 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrit
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
     if resume:
-        ckpt = checkpoint.latest(ckpt_root)
+        ckpt, notes = checkpoint.resume_point(ckpt_root)
+        for note in notes:
+            sys.stderr.write(f"resume: {note}\n")
         if ckpt is None:
-            raise ResumeError(f"{run_dir}: no complete checkpoint to resume", fix="start the run without --resume")
+            raise ResumeError(f"{run_dir}: no complete checkpoint to resume" + (f" ({notes[-1]})" if notes else ""),
+                              fix="start it over with --overwrite (only the run's own files are replaced), or set "
+                              "output.dir elsewhere")
         changed = changed_keys(read_yaml(run_dir / "config.yaml"), cfg.to_dict())
         if changed and not allow_changed:
             raise ResumeError(
@@ -113,7 +119,19 @@ def train(
     `force`: write the run into a non-empty folder tunelab did not make, beside its files (none is
     deleted). `model`: the base model in memory (e.g. the previous stage's), instead of loading
     `model.name_or_path` (still the tokenizer's source and what the artifact names as its base); the
-    method is applied to it in place. `on_event`: called with every training/events.py Event."""
+    method is applied to it in place. `on_event`: called with every training/events.py Event.
+
+    SIGTERM/SIGINT anywhere in the command: before the loop or during a step, the run checkpoints
+    and returns "interrupted" (exit 75, `--resume` continues); once every step is done, the final
+    model is still written and the run returns "completed" (exit 0); a second signal stops at once."""
+    with StopSignal() as stop:
+        return _train(config, overrides, resume, allow_changed, overwrite, quiet, force, model, on_event, stop)
+
+
+def _train(
+    config: ConfigLike, overrides: list[str] | None, resume: bool, allow_changed: bool, overwrite: bool,
+    quiet: bool, force: bool, model: nn.Module | None, on_event: EventHook | None, stop: StopSignal,
+) -> TrainResult:
     cfg = resolve_config(config, overrides)
     if cfg.data.train is None:
         raise TunelabError("data.train is not set", fix="set data.train to a dataset path")
@@ -139,7 +157,7 @@ def train(
     )
     save_config(cfg, run_dir / "config.yaml")
     loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
-                tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event)
+                tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event, stop)
     if loop.planned_epochs() > ABSURD_EPOCHS:
         reporter.say(f"warning: this run makes {loop.planned_epochs():,.0f} passes over {len(train_data.examples):,} "
                      f"training examples ({loop.total_steps:,} steps x grad_accum {cfg.train.grad_accum}); check "
@@ -152,14 +170,15 @@ def train(
             )
         loop.restore(ckpt)
         reporter.say(f"resumed from {ckpt} (step {loop.step} of {loop.total_steps})")
+    fault_point("start", 0)
     with disk_full_guard(run_dir, lambda: checkpoint.latest(run_dir / "checkpoints")):
         result = loop.run()
-        if result.status == "completed":
+        if result.status == "completed":  # a signal from here on is answered once this is written (exit 0)
+            fault_point("final", 0)
             save_artifact(loop.accelerator.unwrap_model(loop.model), tokenizer, cfg.method, cfg.model,
                           run_dir / "final")
-            (run_dir / "summary.json").write_text(
-                json.dumps({"steps": result.steps, "trainable": trainable, "total": total, **result.metrics},
-                           indent=1), encoding="utf-8")
+            owned.write_atomic(run_dir / "summary.json", json.dumps(
+                {"steps": result.steps, "trainable": trainable, "total": total, **result.metrics}, indent=1))
     if result.status == "completed":
         reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
     return result

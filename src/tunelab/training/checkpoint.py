@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
+from tunelab.faults import fault_point
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -41,14 +41,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def fault_point(point: str, step: int) -> None:
-    """Crash-test hook: TUNELAB_FAULT=<kill|term>@<point>:<step> sends SIGKILL/SIGTERM to this
-    process at that point (`save`: mid-checkpoint, `step`: after an optimizer step)."""
-    spec = os.environ.get("TUNELAB_FAULT")
-    if spec and spec.partition("@")[2] == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL if spec.startswith("kill") else signal.SIGTERM)
 
 
 def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
@@ -82,11 +74,51 @@ def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int)
 
 
 def verify(ckpt: Path) -> bool:
+    return why_not_verified(ckpt) is None
+
+
+def why_not_verified(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (None when its manifest verifies every file)."""
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
-        return all(_sha256(ckpt / name) == digest for name, digest in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        files = manifest["files"]
+        if not isinstance(files, dict) or not files:
+            return f"{MANIFEST} lists no files"
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for name, digest in files.items():
+        try:
+            if _sha256(ckpt / name) != digest:
+                return f"{name} does not match its sha256"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, TypeError) as e:
+            return f"{name} unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
+    return None
+
+
+def resume_point(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and one message per newer one that did not: each is
+    renamed aside (`step-N.rejected`: never loaded, pruned or replaced) so the run can reach its
+    step again and the evidence stays."""
+    notes = []
+    for _, path in _steps(root):
+        why = why_not_verified(path)
+        if why is None:
+            return path, notes
+        aside = path.with_name(f"{path.name}.rejected")
+        n = 1
+        while aside.exists() or aside.is_symlink():
+            n += 1
+            aside = path.with_name(f"{path.name}.rejected-{n}")
+        try:
+            os.rename(path, aside)
+            notes.append(f"{path.name} failed verification ({why}): kept aside as {aside.name}")
+        except OSError as e:
+            notes.append(f"{path.name} failed verification ({why}) and cannot be moved aside ({e.strerror})")
+    return None, notes
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:

@@ -17,8 +17,9 @@ from tunelab.errors import NonFiniteError, TunelabError
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT asks the loop to finish its step, checkpoint and exit resumable;
-    a second SIGINT interrupts at once."""
+    """First SIGTERM/SIGINT asks the loop to finish its step, checkpoint and exit resumable (a run
+    already finished finishes writing and exits 0); a second signal of either kind interrupts at
+    once (a step that never ends cannot hold the process)."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -37,7 +38,7 @@ class StopSignal:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 

@@ -74,6 +74,7 @@ class Loop:
     reporter: Reporter
     tokenizer: Any = None
     on_event: EventHook | None = None  # training/events.py: watch the run (recipes, compare, UI)
+    stop: StopSignal | None = None  # the command's signal handler, when it installed one before the loop
     accelerator: Accelerator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -245,8 +246,13 @@ class Loop:
         status = "completed"
         start = time.perf_counter()
         self._emit("start")
-        with StopSignal() as stop, self.reporter.progress(self.total_steps, self.step) as bar:
+        stops = contextlib.nullcontext(self.stop) if self.stop is not None else StopSignal()
+        with stops as stop, self.reporter.progress(self.total_steps, self.step) as bar:
             while self.step < self.total_steps:
+                if stop.requested and self.step == 0:  # a signal during start-up: checkpoint the start
+                    status = "interrupted"
+                    self.reporter.say(f"{stop.requested} before the first step: checkpointing; `--resume` continues")
+                    break
                 t0 = time.perf_counter()
                 m = self._guarded_step()
                 m["step_time"] = time.perf_counter() - t0
