@@ -4,6 +4,7 @@ match nothing are one line."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -104,3 +105,63 @@ def test_sigterm_while_the_final_model_is_written_still_completes(llama_dir, cha
     done = tunelab_process("train", str(cfg), "-q", fault="term@final:0")
     assert done.returncode == 0, done.stderr  # every step was applied: a finished run reads as finished
     assert (out / "final" / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
+
+
+def test_a_diverged_update_halts_before_it_is_checkpointed_and_resume_from_goes_back(
+        llama_dir, chat_data, tmp_path, capsys, monkeypatch):
+    import torch
+
+    out = tmp_path / "run"
+    cfg = run_cfg(llama_dir, chat_data, out, max_steps=6, save_every=2)
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def diverging(self, *a, **k):  # a finite loss and gradient, then weights that blow up at step 5
+        calls.append(1)
+        result = real_step(self, *a, **k)
+        if len(calls) == 5:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverging)
+    with pytest.raises(tunelab.errors.NonFiniteError) as e:
+        tunelab.train(cfg, quiet=True)
+    assert "the update of step 5 made trainable weights non-finite" in e.value.message
+    assert f"tunelab train {out} --resume train.lr=<lower> --allow-changed" in e.value.fix
+    assert checkpoint.latest(out / "checkpoints").name == "step-4"  # step 5 was never saved
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    code, _, err = cli(capsys, "train", str(out), "--resume-from", "step-2", "train.lr=1e-3", "--allow-changed", "-q")
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(3) == 2  # steps 3-4 ran again from step-2
+    code, _, err = cli(capsys, "train", str(out), "--resume-from", "step-9", "-q")
+    assert code == 2 and "no such checkpoint" in err and "step-" in err
+
+
+def test_a_chat_template_that_loops_for_ever_stops_the_data_check(llama_dir, chat_data, tmp_path, capsys):
+    slow = tmp_path / "slow.jinja"
+    slow.write_text("{% for m in messages %}{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}"
+                    "{% endfor %}{{ m['content'] }}{% endfor %}")
+    cfg, _ = cfg_file(tmp_path, llama_dir, chat_data, max_steps=1)
+    code, _, err = cli(capsys, "data", "check", str(cfg), f"data.chat_template={slow}")
+    assert code == 2 and "took more than 2 s to render one chat" in err and "Traceback" not in err
+
+
+def test_a_second_signal_stops_at_once():
+    import os
+
+    from tunelab.training.guards import StopSignal
+
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"  # the first asks the loop to finish its step
+        with pytest.raises(KeyboardInterrupt):  # a step that never ends cannot hold the second
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_output_dir_that_is_a_file_is_one_line(llama_dir, chat_data, tmp_path, capsys):
+    cfg, _ = cfg_file(tmp_path, llama_dir, chat_data, max_steps=1)
+    (tmp_path / "afile").write_text("x")
+    code, _, err = cli(capsys, "train", str(cfg), f"output.dir={tmp_path / 'afile'}", "-q")
+    assert code == 2 and "is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x"

@@ -34,6 +34,8 @@ def train(
     config: str = typer.Argument(..., help="YAML config, or a run directory (its config.yaml)"),
     overrides: list[str] = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
+    resume_from: str | None = typer.Option(None, "--resume-from", help="continue from this checkpoint (step-N), "
+                                           "e.g. one before a divergence"),
     allow_changed: bool = typer.Option(False, "--allow-changed", help="resume even if config or data changed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start over: delete the run tunelab wrote in "
                                    "output.dir first (only its own files)"),
@@ -45,7 +47,7 @@ def train(
     from tunelab import api
 
     result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,
-                       overwrite=overwrite, quiet=quiet, force=force)
+                       overwrite=overwrite, quiet=quiet, force=force, resume_from=resume_from)
     raise typer.Exit(result.exit_code)
 
 

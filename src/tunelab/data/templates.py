@@ -14,7 +14,10 @@ template that ends turns with no marker at all gets the tokenizer's eos appended
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,12 +139,45 @@ def _no_token_error(marker: str, name: str, fallback: bool = False) -> DataError
 # ----------------------------------------------------------------------------- rendering
 
 
-def render(tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]], gen: bool) -> str:
-    """Render `messages` to text; a template that rejects the chat is a problem of this record."""
+RENDER_SECONDS = 2.0  # one chat rendered by a sane template takes microseconds
+
+
+class _RenderTimeout(BaseException):  # not an Exception: the template's own error handling cannot swallow it
+    pass
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the block after `seconds` (SIGALRM timer; main thread only, else no limit)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _RenderTimeout
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, chat_template=template.source, add_generation_prompt=gen
-        )
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def render(tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]], gen: bool) -> str:
+    """Render `messages` to text; a template that rejects the chat is a problem of this record, one
+    that runs for seconds (a sandbox bounds what a template reaches, not how long it loops) stops
+    the data check."""
+    try:
+        with _deadline(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, chat_template=template.source, add_generation_prompt=gen
+            )
+    except _RenderTimeout:
+        raise DataError(f"chat template {template.name!r} took more than {RENDER_SECONDS:g} s to render one chat "
+                        "(loops over large ranges?)", fix="use a built-in template (data.chat_template: chatml) "
+                        "or fix the template") from None
     except Exception as e:  # jinja raises TemplateError, templates call raise_exception, ...
         raise RecordError("template error", f"chat template {template.name!r} failed: {e}") from None
     if not isinstance(text, str):  # a batch of one comes back as a list

@@ -76,13 +76,14 @@ RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensor
 
 
 def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool,
-                     force: bool = False) -> Path | None:
+                     force: bool = False, resume_from: str | None = None) -> Path | None:
     """Returns the checkpoint to resume from (None for a fresh run). A fresh run claims its folder
     (owned.claim): an earlier run there is deleted only with `overwrite`, and only its own entries."""
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
     if resume:
-        ckpt, notes = checkpoint.resume_point(ckpt_root)
+        ckpt, notes = (_chosen_checkpoint(ckpt_root, resume_from), []) if resume_from is not None else \
+            checkpoint.resume_point(ckpt_root)
         for note in notes:
             sys.stderr.write(f"resume: {note}\n")
         if ckpt is None:
@@ -109,10 +110,20 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrit
     return None
 
 
+def _chosen_checkpoint(root: Path, name: str) -> Path:
+    """`--resume-from step-N` (or N): that checkpoint, verified."""
+    ckpt = root / (name if str(name).startswith("step-") else f"step-{name}")
+    why = checkpoint.why_not_verified(ckpt) if ckpt.is_dir() and not ckpt.is_symlink() else "no such checkpoint"
+    if why is not None:
+        found = ", ".join(p.name for p in sorted(root.glob("step-*"))) or "none"
+        raise ResumeError(f"{ckpt}: cannot resume from it ({why})", fix=f"choose one of: {found}")
+    return ckpt
+
+
 def train(
     config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False,
     allow_changed: bool = False, overwrite: bool = False, quiet: bool = False, force: bool = False,
-    model: nn.Module | None = None, on_event: EventHook | None = None,
+    model: nn.Module | None = None, on_event: EventHook | None = None, resume_from: str | None = None,
 ) -> TrainResult:
     """Train per the config; returns the run directory, its status and final metrics.
 
@@ -120,22 +131,26 @@ def train(
     deleted). `model`: the base model in memory (e.g. the previous stage's), instead of loading
     `model.name_or_path` (still the tokenizer's source and what the artifact names as its base); the
     method is applied to it in place. `on_event`: called with every training/events.py Event.
+    `resume_from`: resume from this checkpoint (`step-N`) rather than the newest, e.g. one before a
+    divergence; the later checkpoints are replaced as the run reaches their steps again.
 
     SIGTERM/SIGINT anywhere in the command: before the loop or during a step, the run checkpoints
     and returns "interrupted" (exit 75, `--resume` continues); once every step is done, the final
     model is still written and the run returns "completed" (exit 0); a second signal stops at once."""
     with StopSignal() as stop:
-        return _train(config, overrides, resume, allow_changed, overwrite, quiet, force, model, on_event, stop)
+        return _train(config, overrides, resume or resume_from is not None, allow_changed, overwrite, quiet, force,
+                      model, on_event, stop, resume_from)
 
 
 def _train(
     config: ConfigLike, overrides: list[str] | None, resume: bool, allow_changed: bool, overwrite: bool,
     quiet: bool, force: bool, model: nn.Module | None, on_event: EventHook | None, stop: StopSignal,
+    resume_from: str | None = None,
 ) -> TrainResult:
     cfg = resolve_config(config, overrides)
     if cfg.data.train is None:
         raise TunelabError("data.train is not set", fix="set data.train to a dataset path")
-    ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite, force)
+    ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite, force, resume_from)
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(run_dir, quiet=quiet, log_every=cfg.train.log_every)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -46,9 +47,10 @@ class StopSignal:
 class NonFiniteGuard:
     """Decides what a step whose loss or gradient norm is NaN/inf does: halt, or skip (capped)."""
 
-    def __init__(self, policy: str, max_consecutive: int):
+    def __init__(self, policy: str, max_consecutive: int, run_dir: Path | None = None):
         self.policy = policy
         self.max_consecutive = max_consecutive
+        self.run_dir = run_dir
         self.consecutive = 0
         self.skipped = 0
 
@@ -66,8 +68,24 @@ class NonFiniteGuard:
         reason = "" if self.policy == "halt" else f" ({self.consecutive} consecutive skips, the cap)"
         raise NonFiniteError(
             f"non-finite {what}{reason}; the optimizer step was not applied. Samples: {shown}",
-            fix="lower train.lr, check these samples, or resume from the last checkpoint with --resume",
+            fix=self.advice(),
         )
+
+    def advice(self) -> str:
+        """A command that continues from a good checkpoint with a lower learning rate."""
+        run = self.run_dir or "RUN"
+        return (f"check these samples, then continue with a lower lr: tunelab train {run} --resume train.lr=<lower> "
+                "--allow-changed (--resume-from step-N for an earlier checkpoint)")
+
+    def check_weights(self, step: int, params: list[Any]) -> None:
+        """After a step: a finite loss and gradient can still make the weights infinite (a huge lr);
+        halt before that step is checkpointed."""
+        import torch
+
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync
+            return
+        raise NonFiniteError(f"the update of step {step} made trainable weights non-finite (train.lr too large?); "
+                             "it was not checkpointed", fix=self.advice())
 
 
 def is_oom(err: BaseException) -> bool:

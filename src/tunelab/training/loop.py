@@ -104,7 +104,7 @@ class Loop:
         self.model, self.opt = self.accelerator.prepare(self.model, opt)
         self.sched = build_scheduler(opt, t, self.total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips)
+        self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips, self.run_dir)
         self.step = 0
         self.tokens_seen = 0
         checkpoint.clean_stale(self.ckpt_root)
@@ -198,6 +198,7 @@ class Loop:
         applied = self.guard.check(self.step, loss, grad_norm, [w for mb in group for w in mb.where])
         if applied:  # a skipped step is not counted: the run still applies every step asked for
             self.opt.step()
+            self.guard.check_weights(self.step + 1, self.params)
             self.sched.step()
             self.step += 1
             self.method.on_step(self.accelerator.unwrap_model(self.model), self.cfg.method, self.step)
