@@ -39,3 +39,16 @@ def test_a_model_in_memory_trains_like_one_loaded_from_its_folder(llama_dir, cha
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     model, _ = tunelab.load(tmp_path / "b")  # the artifact names the config's base: it reloads
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_a_redirected_run_logs_step_totals_elapsed_and_eta_on_unwrapped_lines(llama_dir, chat_data, tmp_path, capsys):
+    from tests.test_cli import cli
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(run_cfg(llama_dir, chat_data, tmp_path / "deep" / ("x" * 90) / "r", max_steps=4)))
+    code, _, err = cli(capsys, "train", str(cfg))  # stderr is not a terminal here
+    assert code == 0, err
+    steps = [line for line in err.splitlines() if line.startswith("step ")]
+    assert steps and all("/4: loss" in s and "tok/s (non-padding tokens)" in s and " eta " in s for s in steps), steps
+    assert steps[-1].startswith("step 4/4:") and "elapsed" in steps[-1]
+    assert any(line.startswith("done: ") and line.rstrip().endswith(tuple("0123456789")) for line in err.splitlines())
