@@ -141,3 +141,17 @@ def test_data_check_exits_2_when_a_run_would_stop(llama_dir, chat_data, tmp_path
     assert code == 2 and "a run would STOP here" in out and "bad JSON" in out
     code, out, _ = cli(capsys, "data", "check", str(cfg), "data.on_error=skip", "data.max_bad_fraction=0.5")
     assert code == 0 and "a run would proceed" in out
+
+
+def test_the_loss_mask_view_decodes_spans_so_non_ascii_text_survives(tmp_path):
+    from tunelab.config import DataConfig
+    from tunelab.data.report import check_report, format_check_report
+    from tunelab.modeling.load import load_tokenizer
+
+    path = tmp_path / "z.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Where is Zürich?"},
+                                             {"role": "assistant", "content": "Zürich, naïve café"}]}) + "\n")
+    report = check_report(DataConfig(train=str(path)), load_tokenizer(ModelConfig()), mask_prompt=True)
+    trained = [text for text, on in report["train"]["example"]["spans"] if on]
+    assert len(trained) == 1 and "Zürich, naïve café" in trained[0]
+    assert "\ufffd" not in format_check_report(report) and "Zürich, naïve café" in format_check_report(report)

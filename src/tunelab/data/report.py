@@ -80,13 +80,23 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def _example_view(ex: Example, tokenizer: Any) -> dict[str, Any]:
+    """The example's text, its tokens, and its spans: runs of tokens that are all trained or all
+    not, each decoded as a whole (a character split over byte-level tokens decodes whole only so)."""
+    trained = [lab != IGNORE for lab in ex.labels]
+    spans: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(trained) + 1):
+        if i == len(trained) or trained[i] != trained[start]:
+            spans.append((tokenizer.decode(ex.input_ids[start:i], skip_special_tokens=False), trained[start]))
+            start = i
     return {
         "where": ex.where,
         "text": tokenizer.decode(ex.input_ids, skip_special_tokens=False),
         "tokens": [
-            (tokenizer.decode([t], skip_special_tokens=False), lab != IGNORE)
-            for t, lab in zip(ex.input_ids, ex.labels, strict=True)
+            (tokenizer.decode([t], skip_special_tokens=False), t_trained)
+            for t, t_trained in zip(ex.input_ids, trained, strict=True)
         ],
+        "spans": spans,
     }
 
 
@@ -130,13 +140,7 @@ def _format_split(split: str, r: dict[str, Any]) -> list[str]:
 
 
 def _format_example(ex: dict[str, Any]) -> list[str]:
-    marked, run, in_trained = [], [], False
-    for text, trained in ex["tokens"]:
-        if trained != in_trained:
-            marked.append(("[[" + "".join(run) + "]]") if in_trained else "".join(run))
-            run, in_trained = [], trained
-        run.append(text)
-    marked.append(("[[" + "".join(run) + "]]") if in_trained else "".join(run))
+    marked = [f"[[{text}]]" if trained else text for text, trained in ex["spans"]]
     return [
         f"  example {ex['where']}, rendered:",
         _indent(ex["text"]),
