@@ -27,10 +27,11 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     "body, expect",
     [
-        ({"train": {"lrr": 1}}, "train.lrr: unknown key; allowed: max_steps"),
+        ({"train": {"lrr": 1}}, "train.lrr: unknown key (did you mean 'lr'?); allowed: max_steps"),
         ({"train": {"batch_size": "big"}}, "train.batch_size: Input should be a valid integer"),
         ({"data": {"overlength": "squash"}}, "data.overlength: Input should be 'truncate', 'drop' or 'raise'"),
-        ({"method": {"name": "lorra"}}, "method.name: unknown method 'lorra'; registered: adalora, adapters,"),
+        ({"method": {"name": "lorra"}}, "method.name: unknown method 'lorra' (did you mean 'lora'?); registered: "
+                                        "adalora, adapters,"),
         ({"method": {"name": "lora", "rank": 4}}, "method.rank: unknown key; allowed: name, r, alpha"),
         ({"train": {"keep_last": 1}}, "train.keep_last: Input should be greater than or equal to 2"),
     ],
@@ -155,3 +156,19 @@ def test_the_loss_mask_view_decodes_spans_so_non_ascii_text_survives(tmp_path):
     trained = [text for text, on in report["train"]["example"]["spans"] if on]
     assert len(trained) == 1 and "Zürich, naïve café" in trained[0]
     assert "\ufffd" not in format_check_report(report) and "Zürich, naïve café" in format_check_report(report)
+
+
+def test_a_missing_config_fails_before_torch_is_imported(tmp_path):
+    code = ("import sys\nfrom tunelab.cli import main\ntry:\n    main(['train', 'nonexist.yaml', 'train.lr=1'])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "no such config file" in done.stderr
+
+
+@pytest.mark.parametrize("override, hint", [("method.name=lroa", "did you mean 'lora'?"),
+                                            ("train.max_step=3", "did you mean 'max_steps'?"),
+                                            ("data.packng=true", "did you mean 'packing'?")])
+def test_near_misses_get_a_suggestion(capsys, override, hint):
+    code, _, err = cli(capsys, "data", "check", "sft-lora", override)
+    assert code == 2 and hint in err

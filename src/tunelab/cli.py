@@ -25,6 +25,18 @@ TRUST_CODE = typer.Option(False, "--trust-remote-code", help="let the model fold
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="load .bin/.pt weights (unpickling can run code)")
 
 
+def _quick_check(config: str, overrides: list[str]) -> None:
+    """A missing or unreadable config, bad YAML or a bad override fails before torch is imported
+    (a fraction of a second instead of several): the config layer needs only pydantic and YAML."""
+    from pathlib import Path
+
+    from tunelab.config import config_path, parse_overrides, read_yaml
+
+    run = Path(config)
+    read_yaml(run / "config.yaml" if run.is_dir() else config_path(config))
+    parse_overrides(overrides)
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=1, sort_keys=True))
 
@@ -44,6 +56,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a model. Exit 0: every step applied; 75: stopped by a signal, checkpointed (--resume)."""
+    _quick_check(config, overrides or [])
     from tunelab import api
 
     result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,
@@ -156,6 +169,7 @@ def data_check(
 ) -> None:
     """Validate the config's datasets: report, token stats, one rendered example with its loss mask.
     Exit 2 when a run with this config would stop on its data."""
+    _quick_check(config, overrides or [])
     from tunelab import api
     from tunelab.data.report import format_check_report
 

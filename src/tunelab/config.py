@@ -6,6 +6,7 @@ The bottom layer: it imports nothing of tunelab but errors. The whole run's conf
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,7 +236,8 @@ def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
         raise ConfigError(f"{kind}.name: missing; registered {kind}s: {names}")
     spec = registry.get(value["name"])
     if spec is None:
-        raise ConfigError(f"{kind}.name: unknown {kind} {value['name']!r}; registered: {names}")
+        raise ConfigError(f"{kind}.name: unknown {kind} {value['name']!r}{did_you_mean(value['name'], registry)}; "
+                          f"registered: {names}")
     try:
         return spec.config_cls.model_validate(value)
     except ValidationError as e:
@@ -251,7 +253,8 @@ def explain(e: ValidationError, model: type[BaseModel], prefix: str = "") -> str
         parts += _key_parts(err["loc"])
         loc = ".".join(parts) or "config"  # a cross-section check of the whole config has no key
         if err["type"] == "extra_forbidden":
-            text = f"unknown key; allowed: {_allowed(model, err['loc'])}"
+            allowed = _allowed(model, err["loc"])
+            text = f"unknown key{did_you_mean(str(err['loc'][-1]), allowed.split(', '))}; allowed: {allowed}"
         else:
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
@@ -273,6 +276,12 @@ def _key_parts(loc: tuple[Any, ...]) -> list[str]:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "literal"}
+
+
+def did_you_mean(name: object, known: Any) -> str:
+    """` (did you mean 'lora'?)` for a near miss among `known` names, else ""."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _allowed(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
