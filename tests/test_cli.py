@@ -172,3 +172,14 @@ def test_a_missing_config_fails_before_torch_is_imported(tmp_path):
 def test_near_misses_get_a_suggestion(capsys, override, hint):
     code, _, err = cli(capsys, "data", "check", "sft-lora", override)
     assert code == 2 and hint in err
+
+
+def test_a_hub_id_with_no_network_fails_at_once_and_says_why(capsys, monkeypatch):
+    from tunelab.modeling import load
+
+    monkeypatch.setattr(load, "_hub_reachable", lambda: False)  # never touch the network in tests
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, _, err = cli(capsys, "generate", "some-org/not-downloaded-model", "--prompt", "hi")
+    assert code == 2 and "cannot be reached from here (no network)" in err and "tunelab-tiny" in err
+    code, _, err = cli(capsys, "generate", "./no/such/model", "--prompt", "hi")
+    assert code == 2 and "no such model folder" in err

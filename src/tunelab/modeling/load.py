@@ -6,12 +6,16 @@ unless `model.allow_pickle` is set. `trust_remote_code` is off unless the user t
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -56,7 +60,40 @@ def resolve_path(name_or_path: str) -> str:
                 f"{p}: not a model folder (no config.json)", fix="point at a folder saved by save_pretrained"
             )
         return str(p)
-    return name_or_path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise TunelabError(f"{name_or_path}: no such model folder", fix="check the path, or use tunelab-tiny")
+    return _hub_id(name_or_path)
+
+
+def _hub_id(name: str) -> str:
+    """A hub id, checked before transformers retries it for a minute: with the hub unreachable (or
+    HF_HUB_OFFLINE set) it must already be in the local Hugging Face cache, and is read from there."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false")
+    if not offline and _hub_reachable():
+        return name
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an id the hub could not hold (bad characters, ...): not cached either
+        cached = None
+    if isinstance(cached, str):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read it from the cache, no retries
+        return name
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached from here (no network)"
+    raise TunelabError(f"{name}: not a local folder, {why}, and it is not in the local cache",
+                       fix="use a local model folder or tunelab-tiny (or download it where there is a network and "
+                       "copy the folder here)")
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection(HUB, timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+HUB = ("huggingface.co", 443)
 
 
 def check_weights_safe(path: str, allow_pickle: bool) -> None:
