@@ -60,9 +60,9 @@ def _read_marker(path: Path) -> dict | None:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    entries = meta.get("entries") if isinstance(meta, dict) else None
-    if not isinstance(meta.get("kind") if isinstance(meta, dict) else None, str) or not isinstance(entries, list):
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str) or not isinstance(meta.get("entries"), list):
         return None
+    entries = meta["entries"]
     if not all(isinstance(e, str) and e and e not in (".", "..", MARKER) and "/" not in e and "\\" not in e
                for e in entries):
         return None
@@ -108,7 +108,12 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     fault_point(f"write-{path.name}", 0)
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync(path.parent)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -149,10 +154,7 @@ def claim(path: Path, kind: str, entries: list[str], *, what: str, replace: bool
 
     An owned folder is started over only with `replace` (its owned entries removed); a foreign
     non-empty one only with `force`, and then none of `entries` may exist there yet."""
-    refuse_dangerous(path, what)
-    found = state(path, kind, legacy)
-    if found == "foreign" and not path.is_dir():
-        raise TunelabError(f"{what} {path} is a file, not a folder", fix=f"choose a new {what}")
+    found = _target(path, kind, what, legacy)
     if found == "owned":
         if not replace:
             raise TunelabError(f"{what} {path} already holds a {kind}", fix="pass --overwrite to start it over")
@@ -165,14 +167,21 @@ def claim(path: Path, kind: str, entries: list[str], *, what: str, replace: bool
     mark(path, kind, entries)
 
 
-def preflight(out: Path, kind: str, *, what: str, force: bool, flag: str = "--force") -> None:
-    """Refuse early, before long work, a target `install` would refuse."""
-    refuse_dangerous(out, what)
-    found = state(out, kind)
-    if found == "foreign" and not out.is_dir():
-        raise TunelabError(f"{what} {out} is a file, not a folder", fix=f"choose a new {what}")
+def _target(path: Path, kind: str, what: str, legacy: frozenset[str] = frozenset()) -> State:
+    """The state of a folder tunelab is about to write, refusing a dangerous one or a file."""
+    refuse_dangerous(path, what)
+    found = state(path, kind, legacy)
+    if found == "foreign" and not path.is_dir():
+        raise TunelabError(f"{what} {path} is a file, not a folder", fix=f"choose a new {what}")
+    return found
+
+
+def preflight(out: Path, kind: str, *, what: str, force: bool, flag: str = "--force") -> State:
+    """Refuse early, before long work, a target `install` would refuse; returns its state."""
+    found = _target(out, kind, what)
     if found == "foreign" and not force:
         raise _foreign_refusal(out, what, flag)
+    return found
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -243,18 +252,14 @@ def install(tmp: Path, out: Path, kind: str, *, what: str, force: bool, flag: st
     entries = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
     mark(tmp, kind, entries)
     try:
-        preflight(out, kind, what=what, force=force, flag=flag)
-        found = state(out, kind)
+        found = preflight(out, kind, what=what, force=force, flag=flag)
     except TunelabError:
         remove(tmp)
         raise
-    if found in ("absent", "empty"):
-        if found == "empty":
-            out.rmdir()
-        os.rename(tmp, out)
-        return out
+    if found == "empty":
+        out.rmdir()
     previous = set(owned_entries(out)) if found == "owned" else set()
-    if found == "owned" and {p.name for p in out.iterdir()} <= previous | {MARKER}:
+    if found in ("absent", "empty") or (found == "owned" and {p.name for p in out.iterdir()} <= previous | {MARKER}):
         return swap(tmp, out)
     try:
         _collisions(out, [e for e in entries if e not in previous], what)

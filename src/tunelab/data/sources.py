@@ -142,28 +142,14 @@ def _check_surrogates(record: dict[str, Any] | Exception) -> dict[str, Any] | Ex
     A tokenizer cannot encode either."""
     if not isinstance(record, dict):
         return record
-    found = _surrogate(record)
-    if found is None:
+    try:  # UTF-8 encodes every string but a lone surrogate: the whole record checked at C speed
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
         return record
+    except UnicodeEncodeError as e:
+        found = e.object[e.start]
     if "\udc80" <= found <= "\udcff":
         return RecordError("invalid UTF-8", "invalid UTF-8")
     return RecordError("invalid text", f"a lone surrogate (\\u{ord(found):04x}) is not text")
-
-
-def _surrogate(value: object) -> str | None:
-    """The first lone surrogate in a record's strings, or None (iterative: records may nest deeply)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            for ch in v:
-                if "\ud800" <= ch <= "\udfff":
-                    return ch
-        elif isinstance(v, dict):
-            stack += [*v.keys(), *v.values()]
-        elif isinstance(v, list):
-            stack += v
-    return None
 
 
 def _read_csv(p: Path, name: str) -> Iterator[Record]:

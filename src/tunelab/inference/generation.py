@@ -123,6 +123,7 @@ def _cache_name_bridge(model: nn.Module) -> Iterator[None]:
             or "cache" not in inspect.signature(model.get_base_model().forward).parameters):
         yield
         return
+    own = vars(model).get("prepare_inputs_for_generation")  # an instance attribute to put back, if any
     peft_prepare = model.prepare_inputs_for_generation
     model.base_model_prepare_inputs_for_generation = _renaming(base_prepare, "cache", "past_key_values")
     model.prepare_inputs_for_generation = _renaming(peft_prepare, "past_key_values", "cache")
@@ -130,7 +131,10 @@ def _cache_name_bridge(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.base_model_prepare_inputs_for_generation = base_prepare
-        del model.prepare_inputs_for_generation  # the class's method again
+        if own is None:
+            del model.prepare_inputs_for_generation  # the class's method again
+        else:
+            model.prepare_inputs_for_generation = own
 
 
 def _renaming(fn: Callable[..., dict[str, Any]], old: str, new: str) -> Callable[..., dict[str, Any]]:

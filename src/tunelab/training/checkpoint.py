@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.errors import TunelabError
 from tunelab.faults import fault_point
+from tunelab.owned import fsync
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -35,14 +36,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
     """Write a checkpoint with `write(tmp_dir)` and publish it atomically as `root/step-N`."""
     root.mkdir(parents=True, exist_ok=True)
@@ -53,10 +46,10 @@ def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int)
     fault_point("save", step)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for f in files:
-        _fsync(f)
+        fsync(f)
     manifest = {"step": step, "files": {f.name: _sha256(f) for f in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    _fsync(tmp / MANIFEST)
+    fsync(tmp / MANIFEST)
     final = root / f"step-{step}"
     if final.is_symlink():
         raise TunelabError(f"{final} is a link, not a checkpoint tunelab wrote: it will not replace it",
@@ -68,7 +61,7 @@ def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int)
             raise TunelabError(f"{final}: cannot replace this stale checkpoint ({e.strerror})",
                                fix=f"move {final} away (or fix its permissions), then continue with --resume") from None
     os.rename(tmp, final)
-    _fsync(root)
+    fsync(root)
     _prune(root, keep_last)
     return final
 
