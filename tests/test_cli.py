@@ -183,3 +183,15 @@ def test_a_hub_id_with_no_network_fails_at_once_and_says_why(capsys, monkeypatch
     assert code == 2 and "cannot be reached from here (no network)" in err and "tunelab-tiny" in err
     code, _, err = cli(capsys, "generate", "./no/such/model", "--prompt", "hi")
     assert code == 2 and "no such model folder" in err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["eval"], "Missing argument 'model'"),
+    (["export", "runs/x", "y", "--merge"], "Missing option '--out'"),
+    (["train", "a.yaml", "--no-such-flag"], "No such option: --no-such-flag"),
+])
+def test_usage_errors_are_a_short_message_and_exit_2_never_a_traceback(capsys, args, expect):
+    """typer >= 0.29 raises its own copy of click's exceptions (typer._click); they are still usage
+    errors, not crashes."""
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and expect in err and "Traceback" not in err

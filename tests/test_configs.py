@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tunelab.methods import METHODS, count_parameters
 from tunelab.modeling.load import resolve_path
 from tunelab.recipes.build_base import load_recipe
+from tunelab.recipes.compare.spec import cells, load_spec
 from tunelab.runconfig import build_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -36,6 +37,11 @@ def test_config_loads_and_builds(path):
         recipe = load_recipe(path)
         cfg = build_config({**recipe["run"], "data": {**recipe["run"]["data"], "train": "corpus.jsonl"}})
         assert cfg.objective.name == "lm" and cfg.method.name == "full"
+        return
+    if path.name.startswith("compare-"):  # a compare spec: every cell's config builds
+        spec, root = load_spec(path)
+        built = cells(spec, root, lambda task: {})
+        assert built and [c.key for c in built if c.error] == []
         return
     cfg = load_config(path)
     trainable, total = build_on_meta(cfg)

@@ -41,7 +41,7 @@ def test_truncate_counts_and_token_share_lost(tmp_path, tok, texts):
     counts = token_counts(tok, texts)
     over = [n for n in counts if n > LIMIT]
     assert len(over) == 2
-    data, logs = load(path, tok, max_length=LIMIT, overlength="truncate")
+    data, logs = load(path, tok, max_length=LIMIT, overlength="truncate", max_truncated_share=1.0)
     s = data.stats
     assert s["n_examples"] == len(texts) and s["n_truncated"] == 2 and s["n_overlength"] == 2
     assert s["truncated_token_share"] == pytest.approx(sum(n - LIMIT for n in over) / sum(counts))
@@ -136,3 +136,56 @@ def test_check_report_validates_and_tokenizes_preference_pairs(tmp_path, tok):
     assert report["train"]["validation"]["problems"] == [f"{path}:2: missing field 'chosen'"]
     assert report["train"]["tokens"]["examples"] == 1  # one (chosen, rejected) pair
     assert "format preference" in format_check_report(report)
+
+
+# ----------------------------------------------------------------------------- truncation that spoils a run
+
+
+def _replies(n_long: int, n_short: int = 20) -> list[dict]:
+    long = " ".join(sentences(6, seed=9))
+    return [chat("Tell me about the city.", long) for _ in range(n_long)] + [
+        chat("Where does Anna live?", "In Paris.") for _ in range(n_short)]
+
+
+def test_cut_reply_ends_stop_a_run_with_the_fixes(tmp_path, tok):
+    """The end-of-turn token of a reply cut by truncation: the model would learn not to stop."""
+    path = write_jsonl(tmp_path / "c.jsonl", _replies(n_long=1, n_short=200))
+    with pytest.raises(DataError, match=r"cuts the end of 1 reply \(their end-of-turn token") as e:
+        load(path, tok, max_length=40, chat_template="chatml")
+    assert "data.max_length (now 40)" in e.value.fix and "data.overlength: drop" in e.value.fix
+    assert "allow_cut_replies: true" in e.value.fix
+    assert e.value.problems[0].startswith(f"{path}:1: ")
+    # The user's explicit choice, in the config, lets it train; drop skips the long reply instead.
+    data, _ = load(path, tok, max_length=40, chat_template="chatml", allow_cut_replies=True)
+    assert data.stats["n_cut_replies"] == 1 and data.stats["n_examples"] == 201
+    data, _ = load(path, tok, max_length=40, chat_template="chatml", overlength="drop")
+    assert data.stats["n_examples"] == 200
+
+
+def test_share_of_trained_tokens_lost_above_the_threshold_stops(tmp_path, tok, texts):
+    """Text (every token trained): 2 long of 6 documents cut at 16 tokens loses far more than 5 %."""
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    with pytest.raises(DataError, match=r"cuts \d+\.\d% of the trained tokens .* above data.max_truncated_share=0.05"):
+        load(path, tok, max_length=LIMIT)
+    counts = token_counts(tok, texts)
+    share = sum(n - LIMIT for n in counts if n > LIMIT) / sum(counts)
+    data, _ = load(path, tok, max_length=LIMIT, max_truncated_share=round(share + 0.01, 2))
+    assert data.stats["truncated_trained_share"] == pytest.approx(share)
+
+
+def test_prompt_only_truncation_is_not_a_cut_reply(tmp_path, tok):
+    """Truncation that cuts only masked tokens (a long last user turn) loses no trained token."""
+    long_user = " ".join(sentences(6, seed=4))
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("Hi", "Hello.", long_user)] + _replies(0, 50))
+    data, _ = load(path, tok, max_length=40, chat_template="chatml")
+    assert data.stats["n_cut_replies"] == 0 and data.stats["n_truncated"] == 1
+
+
+def test_check_report_says_a_truncating_run_would_stop(tmp_path, tok):
+    path = write_jsonl(tmp_path / "c.jsonl", _replies(n_long=2))
+    report = check_report(DataConfig(train=str(path), max_length=40, chat_template="chatml"), tok, mask_prompt=True)
+    v = report["train"]["validation"]
+    assert v["run_would_stop"] and v["bad"] == 0 and "cuts the end of 2 replies" in v["truncation"]["message"]
+    assert report["train"]["tokens"]["cut_replies"] == 2
+    text = format_check_report(report)
+    assert "a run would STOP here" in text and "STOP: " in text and "fix: raise data.max_length" in text

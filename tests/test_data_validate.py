@@ -70,6 +70,7 @@ def bad_file(tmp_path_factory, tok) -> tuple[Path, dict[int, str]]:
 
 
 def cfg(path: Path, **kw) -> DataConfig:
+    kw = {"max_truncated_share": 1.0, "allow_cut_replies": True, **kw}  # these tests truncate on purpose
     return DataConfig(train=str(path), format="chat", max_length=MAX_LEN, chat_template="chatml", **kw)
 
 

@@ -320,3 +320,56 @@ def test_forgetting_of_a_plain_model_needs_a_base(llama_dir, tok, probe_files):
         forgetting((model, tok), **probe_files)
     f = forgetting((model, tok), base=str(llama_dir), **probe_files)
     assert f["drop"]["heldout_perplexity_change"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_base_probe_is_cached_and_recomputed_when_the_base_changes(llama_dir, tok, probe_files, monkeypatch,
+                                                                       tmp_path):
+    """A base is probed once per (weights, probe records), not on every --forgetting of every run."""
+    import shutil
+
+    import tunelab.eval.probe as probe_mod
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    calls: list[str] = []
+    real = probe_mod.run_probe
+
+    def counting(model, tokenizer, **kw):
+        calls.append(type(model).__name__)
+        return real(model, tokenizer, **kw)
+
+    monkeypatch.setattr(probe_mod, "run_probe", counting)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    first = forgetting((model, tok), base=str(base), **probe_files)
+    second = forgetting((model, tok), base=str(base), **probe_files)
+    assert len(calls) == 3 and first == second  # model, base, model: the base came from the cache
+    assert list((tmp_path / "cache" / "probe").glob("*.json"))
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten in place: a new mtime, a new key
+    forgetting((model, tok), base=str(base), **probe_files)
+    assert len(calls) == 5
+
+
+def test_eval_data_on_a_run_uses_the_runs_data_settings(llama_dir, chat_data, tmp_path, capsys):
+    """`tunelab eval RUN --data FILE` scores the file as the run's own eval did (its max_length,
+    template, masking): the same loss over the same tokens, and it says which settings it used."""
+    train, dev = chat_data
+    res = api.train({"model": {"name_or_path": str(llama_dir)},
+                     "data": {"train": str(train), "eval": str(dev), "max_length": 40, "chat_template": "chatml",
+                              "max_truncated_share": 1.0, "allow_cut_replies": True},
+                     "method": {"name": "lora", "r": 2}, "objective": {"name": "sft"},
+                     "train": {"max_steps": 2, "batch_size": 4, "precision": "fp32", "eval_every": 2},
+                     "output": {"dir": str(tmp_path / "run")}}, quiet=True)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [m for m in logged if "eval_loss" in m][-1]
+    ours = api.evaluate(res.run_dir, str(dev))
+    assert ours["tokens"] == final_eval["eval_tokens"]
+    assert ours["loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-4)
+    st = ours["data_settings"]
+    assert st["max_length"] == 40 and st["chat_template"] == "chatml" and st["source"] == "the run's config.yaml"
+    longer = api.evaluate(res.run_dir, str(dev), max_length=256)  # an override wins, and is said
+    assert longer["tokens"] > ours["tokens"] and "overridden: max_length" in longer["data_settings"]["source"]
+    code, out, err = cli(capsys, "eval", str(res.run_dir), "--data", str(dev))
+    assert code == 0, err
+    assert "data settings (the run's config.yaml): format auto, max_length 40" in out and "chatml" in out

@@ -116,7 +116,8 @@ def config(name: str, v: Variant, files: dict[str, Path]) -> Any:
     objective = {"name": name, **v.objective, **{k: str(files[f]) for k, f in v.paths.items()}}
     return resolve_config({
         "model": {"name_or_path": str(files["model"]), "dtype": "float32"},
-        "data": {"train": str(files[v.data]), "max_length": v.max_length, "packing": v.packing},
+        "data": {"train": str(files[v.data]), "max_length": v.max_length, "packing": v.packing,
+                 "max_truncated_share": 1.0, "allow_cut_replies": True},  # short rows on purpose
         "method": v.method, "objective": objective,
         "train": {"batch_size": MICRO, "seed": 0, "precision": "fp32"},
     })

@@ -95,3 +95,17 @@ def test_sigterm_checkpoints_exits_resumable_and_resumes(llama_dir, chat_data, t
     r = tunelab("train", str(tmp_path / "run"), "--resume", "-q")  # a run dir resumes with its own config
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_as_reference(tmp_path / "run", reference)
+
+
+def test_a_key_added_to_tunelab_after_a_run_was_written_is_not_a_change():
+    """Upgrading tunelab must not make its old runs unresumable: keys the old config.yaml lacks
+    count as their defaults; a real change is still named."""
+    from tunelab.recipes.run import changed_keys
+    from tunelab.runconfig import build_config
+
+    new = build_config({"method": {"name": "lora"}}).to_dict()
+    old = {k: dict(v) if isinstance(v, dict) else v for k, v in new.items()}
+    del old["data"]["max_truncated_share"]
+    assert changed_keys(old, new) == []
+    old["train"] = {**old["train"], "lr": 0.5}
+    assert changed_keys(old, new) == ["train.lr"]

@@ -200,3 +200,11 @@ def test_select_best_restores_an_earlier_step_exactly(llama_dir, chat_data, tmp_
     assert len(final) == len(at_step2) > 0
     for name, t in at_step2.items():  # peft drops the adapter name from its saved keys
         torch.testing.assert_close(final[name.replace(".default", "")], t, rtol=0, atol=0)
+
+
+def test_runs_of_different_precision_in_one_process(llama_dir, chat_data, tmp_path):
+    """tune's trials and the API called twice train in one process; accelerate's process-wide state
+    must not make the second run inherit (or refuse) the first one's precision."""
+    a = tunelab.train(run_cfg(llama_dir, chat_data, tmp_path / "bf16", max_steps=1, precision="bf16"), quiet=True)
+    b = tunelab.train(run_cfg(llama_dir, chat_data, tmp_path / "fp32", max_steps=1, precision="fp32"), quiet=True)
+    assert a.status == b.status == "completed"

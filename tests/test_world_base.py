@@ -15,7 +15,7 @@ MINI = {
     "vocab_size": 512,
     "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128},
-    "run": {"data": {"max_length": 64},
+    "run": {"data": {"max_length": 64, "max_truncated_share": 1.0},  # a 64-token miniature cuts most documents
             "train": {"max_steps": 4, "batch_size": 2, "save_every": 2, "precision": "fp32", "log_every": 1}},
 }
 

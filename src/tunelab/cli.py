@@ -37,6 +37,12 @@ def _quick_check(config: str, overrides: list[str]) -> None:
     parse_overrides(overrides)
 
 
+def _settings_line(st: dict) -> str:
+    trained = "trained tokens only" if st["trained_tokens_only"] else "every token"
+    return (f"data settings ({st['source']}): format {st['format']}, max_length {st['max_length']}, packing "
+            f"{str(st['packing']).lower()}, chat template {st['chat_template']}, {trained}")
+
+
 def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=1, sort_keys=True))
 
@@ -76,8 +82,9 @@ def eval_(
     base: str | None = typer.Option(None, "--base", help="base model for --forgetting (default: the run's or "
                                     "the adapter's own base)"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="evaluate the first N records of each task"),
-    fmt: str = typer.Option("auto", "--format"),
-    max_length: int = typer.Option(1024, "--max-length"),
+    fmt: str | None = typer.Option(None, "--format", help="--data's format (default: the run's, else auto)"),
+    max_length: int | None = typer.Option(None, "--max-length", min=2,
+                                          help="--data's max_length (default: the run's, else 1024)"),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="default: 8 for --data, 32 for tasks"),
     all_tokens: bool = typer.Option(False, "--all-tokens", help="score prompts too, not only assistant turns"),
     as_json: bool = typer.Option(False, "--json"),
@@ -95,6 +102,7 @@ def eval_(
         _print_json(m)
     elif not tasks and not forgetting:
         typer.echo(f"loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  tokens {int(m['tokens'])}")
+        typer.echo(_settings_line(m["data_settings"]))
     else:
         from rich.console import Console
 
@@ -236,6 +244,103 @@ def methods(
 
 
 @app.command()
+def advise(
+    model: str = typer.Option("tunelab-tiny", "--model", help="config.json, model folder, run dir or cached hub id"),
+    method: str | None = typer.Option(None, "--method", help="the method (default: every method, to see which fit)"),
+    overrides: list[str] = typer.Argument(None, help="method keys as key=value (r=16), other sections as "
+                                          "section.key=value (objective.beta=0.1, model.dtype=bfloat16)"),
+    objective: str | None = typer.Option(None, "--objective", help="the objective (default sft)"),
+    seq: int | None = typer.Option(None, "--seq", min=1, help="tokens per sequence (default data.max_length, 512)"),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="sequences (dpo: pairs) per micro-batch (default 8)"),
+    memory: str | None = typer.Option(None, "--memory", help="memory budget, e.g. 24GiB or 80GB: does it fit, "
+                                      "the largest batch and sequence length that do"),
+    checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                              help="default train.gradient_checkpointing (both are shown)"),
+    device: str | None = typer.Option(None, "--device", help="cpu, t4, l4, rtx4090, a100, h100, h200: precision "
+                                      "auto, paged optimizers and the time estimate follow it (default: this machine)"),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="adamw, paged_adamw_8bit, paged_adamw_32bit "
+                                         "(default: the method's)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Memory and time of a training run from the model's config alone (meta device, no download):
+    weights, trainable parameters, gradients, optimizer states, activations, extra models, peak."""
+    from rich.console import Console
+
+    from tunelab import api
+    from tunelab.recipes.advise_table import advise_table, methods_table
+
+    r = api.advise(model, method, overrides or [], objective=objective, batch=batch, seq=seq, memory=memory,
+                   checkpointing=checkpointing, device=device, optimizer=optimizer)
+    if as_json:
+        _print_json(r)
+        return
+    # piped into a file or a log: a fixed width wide enough for the table rather than rich's 80
+    Console(width=None if sys.stdout.isatty() else 150).print(advise_table(r) if method is not None
+                                                                else methods_table(r))
+    for note in r.get("notes", []):
+        typer.echo(f"note: {note}")
+
+
+@app.command()
+def compare(
+    spec: str = typer.Argument(None, help="compare spec YAML (see docs/compare.md)"),
+    suite: str | None = typer.Option(None, "--suite", help="a shipped suite instead of a spec: tinyworld"),
+    out: str | None = typer.Option(None, "--out", help="output folder (default runs/compare-<spec name>)"),
+    workers: int = typer.Option(1, "--workers", min=1, help="cells run at once, each in its own process"),
+    db: str | None = typer.Option(None, "--db", help="SQLAlchemy URL of the cell database; share one compare "
+                                  "between machines with a postgresql:// URL (default sqlite in --out)"),
+    report_only: bool = typer.Option(False, "--report-only", help="write the report from the cells done so far"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="run failed cells again"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty folder tunelab did not make"),
+    variants: str | None = typer.Option(None, "--variants", help="only these variants (comma-separated)"),
+    tasks: str | None = typer.Option(None, "--tasks", help="only these tasks (comma-separated)"),
+) -> None:
+    """Compare variants (methods, objectives, any config keys) x tasks x seeds: quality with 95 % CIs and
+    paired tests, trainable parameters, peak memory, time, forgetting; report.md, results.csv/json, plots."""
+    from tunelab.recipes.compare import SUITES
+    from tunelab.recipes.compare import compare as run_compare
+
+    if (spec is None) == (suite is None):
+        raise TunelabError("give a spec file or --suite NAME (not both)", fix=f"suites: {', '.join(SUITES)}")
+    if suite is not None and suite not in SUITES:
+        raise TunelabError(f"unknown suite {suite!r}", fix=f"suites: {', '.join(SUITES)}")
+    run_compare(spec or suite, out=out, workers=workers, db=db, report_only=report_only, retry_failed=retry_failed,
+                force=force, variants=variants.split(",") if variants else None,
+                tasks=tasks.split(",") if tasks else None, say=lambda line: typer.echo(line, err=True))
+
+
+@app.command()
+def tune(
+    config: str = typer.Argument(..., help="base YAML config (or a run directory)"),
+    overrides: list[str] = OVERRIDES,
+    space: str = typer.Option(..., "--space", help="search space YAML: config key -> {type, low, high, log} or "
+                              "{choices} (docs/tune.md)"),
+    trials: int = typer.Option(..., "--trials", min=1, help="trials in the study in all, across its workers"),
+    out: str | None = typer.Option(None, "--out", help="folder for the trials, study.db and the report "
+                                   "(default: runs/<study>)"),
+    storage: str | None = typer.Option(None, "--storage", help="Optuna database URL shared by workers (default: "
+                                       "sqlite:///<out>/study.db)"),
+    study: str | None = typer.Option(None, "--study", help="study name (default: tune-<config name>)"),
+    pruner: str = typer.Option("median", "--pruner", help="median | asha | none: stops trials whose evals "
+                               "(train.eval_every) trail the others"),
+    metric: str = typer.Option("eval_loss", "--metric", help="eval_loss (the run's final, on data.eval) or "
+                               "TASK:METRIC on a validation split, e.g. tinyworld:qa@validation:exact_match"),
+    direction: str | None = typer.Option(None, "--direction", help="minimize | maximize (default: minimize "
+                                         "losses and perplexities, maximize the rest)"),
+    seed: int | None = typer.Option(None, "--seed", help="the sampler's seed (one worker: a reproducible search)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Search hyperparameters (Optuna TPE + pruning): best.yaml, trials.csv, report.md and plots in --out.
+    Rerun to resume; start more workers with the same --storage and --study to share one study."""
+    _quick_check(config, overrides or [])
+    from tunelab import api
+
+    result = api.tune(config, space, trials=trials, overrides=overrides or [], out=out, storage=storage,
+                      study=study, pruner=pruner, metric=metric, direction=direction, seed=seed, quiet=quiet)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def demo(out: str = typer.Option("runs/demo", "--out")) -> None:
     """The end-to-end demo: fine-tune, evaluate before/after, generate."""
     from tunelab.recipes.demo import run_demo
@@ -282,12 +387,20 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        kind = _click_kind(e)
+        if kind == "ClickException":
+            e.show()  # type: ignore[attr-defined]
             sys.exit(EXIT_USER_ERROR)
-        if isinstance(e, click.exceptions.Abort):
+        if kind == "Abort":
             sys.exit(130)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_kind(e: BaseException) -> str | None:
+    """"ClickException" / "Abort" for click's errors, whichever click raised them: typer >= 0.29
+    ships its own copy (`typer._click`), whose classes are not `click`'s."""
+    for cls in type(e).__mro__:
+        if cls.__name__ in ("ClickException", "Abort") and cls.__module__.endswith("click.exceptions"):
+            return cls.__name__
+    return None

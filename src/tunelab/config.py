@@ -53,6 +53,12 @@ class DataConfig(Section):
     on_error: Literal["raise", "skip"] = "raise"
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     overlength: Literal["truncate", "drop", "raise"] = "truncate"
+    max_truncated_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="a run stops when truncation would cut more than this share of the "
+        "trained tokens (1 = never)")
+    allow_cut_replies: bool = Field(
+        False, description="let truncation cut the end of a chat/instruction reply (its end-of-turn token); by "
+        "default a run stops, since the model would learn not to stop")
     chat_template: str | None = Field(
         None, description="built-in template name or a .jinja file; default: the tokenizer's own"
     )

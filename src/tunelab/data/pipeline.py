@@ -63,6 +63,9 @@ class Built:
     n_dropped_overlength: int = 0
     tokens_before: int = 0  # of every rendered example, before truncation
     tokens_lost: int = 0
+    trained_before: int = 0  # trained (labelled) tokens of every rendered example, before truncation
+    trained_lost: int = 0
+    cut_replies: list[str] = field(default_factory=list)  # chat formats: examples whose reply end was cut
     labels: list[str] = field(default_factory=list)  # classification: the label order (class id = position)
 
 
@@ -125,6 +128,8 @@ def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
     limit = cfg.max_length
     n = max(len(ex.input_ids), len(ex.rejected.input_ids) if ex.rejected else 0)
     out.tokens_before += n
+    pair = [e for e in (ex, ex.rejected) if e is not None]
+    out.trained_before += sum(_trained(e.labels) for e in pair)
     truncated = n > limit
     if truncated:
         out.n_overlength += 1
@@ -136,6 +141,10 @@ def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
             return
         out.n_truncated += 1
         out.tokens_lost += n - limit
+        lost = sum(_trained(e.labels[limit:]) for e in pair)
+        out.trained_lost += lost
+        if lost and FORMATS[out.fmt].chat:  # a trained token past the limit: the reply's last one is among them
+            out.cut_replies.append(f"{ex.where}: {n} tokens, {lost} trained past max_length {limit}")
         rejected = ex.rejected and replace(ex.rejected, input_ids=ex.rejected.input_ids[:limit],
                                            labels=ex.rejected.labels[:limit])
         ex = replace(ex, input_ids=ex.input_ids[:limit], labels=ex.labels[:limit], rejected=rejected)
@@ -144,6 +153,30 @@ def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
         out.zero_trainable.append(f"{ex.where}: no trainable tokens{after}")
         return
     out.kept.append(ex)
+
+
+def _trained(labels: Sequence[int]) -> int:
+    return sum(label != IGNORE for label in labels)
+
+
+def truncation_problem(out: Built, cfg: DataConfig) -> DataError | None:
+    """Why truncation would spoil a run (replies that lose their end, or too large a share of the
+    trained tokens cut), or None. A run raises it; `data check` reports it."""
+    share = out.trained_lost / out.trained_before if out.trained_before else 0.0
+    fix = (f"raise data.max_length (now {cfg.max_length}), or set data.overlength: drop to skip the long examples; "
+           "to train on them cut anyway set data.{key}")
+    if out.cut_replies and not cfg.allow_cut_replies:
+        n = len(out.cut_replies)
+        return DataError(
+            f"{out.path}: truncation to max_length {cfg.max_length} cuts the end of {n} repl{'y' if n == 1 else 'ies'}"
+            f" (their end-of-turn token; {share:.1%} of the trained tokens): the model would learn not to stop",
+            fix=fix.format(key="allow_cut_replies: true"), problems=out.cut_replies)
+    if share > cfg.max_truncated_share:
+        return DataError(
+            f"{out.path}: truncation to max_length {cfg.max_length} cuts {share:.1%} of the trained tokens "
+            f"({out.trained_lost} of {out.trained_before}), above data.max_truncated_share={cfg.max_truncated_share}",
+            fix=fix.format(key="max_truncated_share (a share from 0 to 1)"))
+    return None
 
 
 def enforce(out: Built, cfg: DataConfig, log: Log) -> None:
@@ -171,6 +204,9 @@ def enforce(out: Built, cfg: DataConfig, log: Log) -> None:
         log(f"data: dropped {n} example(s) with no trainable tokens, e.g. {out.zero_trainable[0]}")
     if out.n_truncated or out.n_dropped_overlength:
         log(f"data: {out.n_overlength} example(s) over max_length {cfg.max_length}: " + _overlength_note(out))
+    problem = truncation_problem(out, cfg)
+    if problem is not None:
+        raise problem
 
 
 def _counts(counts: Counter[str]) -> str:
@@ -180,7 +216,8 @@ def _counts(counts: Counter[str]) -> str:
 def _overlength_note(out: Built) -> str:
     if out.n_dropped_overlength:
         return f"{out.n_dropped_overlength} dropped"
-    return f"{out.n_truncated} truncated, {lost_share(out):.2%} of tokens lost"
+    trained = f", {out.trained_lost / out.trained_before:.2%} of trained tokens" if out.trained_before else ""
+    return f"{out.n_truncated} truncated, {lost_share(out):.2%} of tokens lost{trained}"
 
 
 def lost_share(out: Built) -> float:
@@ -217,6 +254,8 @@ def stats(out: Built, cfg: DataConfig) -> dict[str, object]:
         "n_truncated": out.n_truncated,
         "n_dropped_overlength": out.n_dropped_overlength,
         "truncated_token_share": lost_share(out),
+        "truncated_trained_share": out.trained_lost / out.trained_before if out.trained_before else 0.0,
+        "n_cut_replies": len(out.cut_replies),
         "n_dropped_zero_trainable": len(out.zero_trainable),
     }
 

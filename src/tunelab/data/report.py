@@ -11,7 +11,7 @@ from typing import Any
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMATS
-from tunelab.data.pipeline import Built, build, lost_share
+from tunelab.data.pipeline import Built, build, lost_share, truncation_problem
 from tunelab.data.sources import resolve_source
 from tunelab.data.types import IGNORE, Example
 
@@ -37,6 +37,7 @@ def _split_report(out: Built, cfg: DataConfig) -> dict[str, Any]:
     n_bad = len(out.bad)
     frac = n_bad / out.n_records if out.n_records else 0.0
     stops = bool(n_bad) and (cfg.on_error == "raise" or frac > cfg.max_bad_fraction)
+    truncation = truncation_problem(out, cfg)
     return {
         "source": out.path,
         "format": out.fmt,
@@ -47,7 +48,9 @@ def _split_report(out: Built, cfg: DataConfig) -> dict[str, Any]:
             "problems": [f"{where}: {reason}" for where, _, reason in out.bad],
             "zero_trainable": out.zero_trainable,
             "on_error": cfg.on_error,
-            "run_would_stop": stops or not out.kept,
+            "run_would_stop": stops or not out.kept or truncation is not None,
+            "truncation": None if truncation is None else {"message": truncation.message, "fix": truncation.fix,
+                                                             "problems": truncation.problems[:MAX_LISTED]},
         },
         "tokens": _token_stats(out, cfg) if out.kept else None,
     }
@@ -70,6 +73,8 @@ def _token_stats(out: Built, cfg: DataConfig) -> dict[str, Any]:
         "truncated": out.n_truncated,
         "dropped_overlength": out.n_dropped_overlength,
         "truncated_token_share": lost_share(out),
+        "truncated_trained_share": out.trained_lost / out.trained_before if out.trained_before else 0.0,
+        "cut_replies": len(out.cut_replies),
     }
 
 
@@ -124,6 +129,9 @@ def _format_split(split: str, r: dict[str, Any]) -> list[str]:
         lines += [f"    {p}" for p in v["zero_trainable"][:MAX_LISTED]]
     verdict = "a run would STOP here" if v["run_would_stop"] else "a run would proceed"
     lines.append(f"  on_error={v['on_error']}: {verdict}")
+    if v["truncation"]:
+        lines.append(f"  STOP: {v['truncation']['message']}")
+        lines.append(f"    fix: {v['truncation']['fix']}")
     t = r["tokens"]
     if t:
         lines.append(
@@ -132,7 +140,8 @@ def _format_split(split: str, r: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"  over max_length {t['limit']}: {t['overlength']} (policy {t['overlength_policy']}: truncated "
-            f"{t['truncated']}, dropped {t['dropped_overlength']}, {t['truncated_token_share']:.2%} of tokens lost)"
+            f"{t['truncated']}, dropped {t['dropped_overlength']}, {t['truncated_token_share']:.2%} of tokens lost, "
+            f"{t['truncated_trained_share']:.2%} of trained tokens; {t['cut_replies']} replies cut before their end)"
         )
     if r.get("example"):
         lines += _format_example(r["example"])

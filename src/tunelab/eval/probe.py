@@ -8,6 +8,9 @@ reports the drop: accuracy points lost and perplexity gained (positive = forgot)
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,9 @@ from tunelab.config import read_yaml
 from tunelab.data.sources import resolve_source
 from tunelab.errors import TunelabError
 from tunelab.eval.tasks import evaluate_records, load_model_or_run, read_eval_records
+from tunelab.modeling.load import resolve_path
+from tunelab.owned import write_atomic
+from tunelab.world.resolve import cache_root
 
 
 def run_probe(
@@ -36,12 +42,16 @@ def run_probe(
     }
 
 
+def run_config(path: str | Path) -> dict[str, Any] | None:
+    """The raw config.yaml of a run directory (read as untrusted YAML), else None."""
+    config = Path(path) / "config.yaml"
+    return read_yaml(config) if config.is_file() else None
+
+
 def run_base(path: str | Path) -> str | None:
     """The base model of a run directory (its config.yaml's model.name_or_path), else None."""
-    config = Path(path) / "config.yaml"
-    if not config.is_file():
-        return None
-    return read_yaml(config).get("model", {}).get("name_or_path")
+    cfg = run_config(path)
+    return None if cfg is None else cfg.get("model", {}).get("name_or_path")
 
 
 def base_for(
@@ -78,10 +88,19 @@ def forgetting(
     kw: dict[str, Any] = {"limit": limit, "batch_size": batch_size, "facts": facts, "heldout": heldout}
     ours = run_probe(model, tok, **kw)
     if base is not None:
-        theirs = run_probe(*load_model_or_run(base), **kw)
+        key = _cache_key(str(base), "loaded", kw)
+        theirs = _cached(key, lambda: run_probe(*load_model_or_run(base), **kw))
     else:
-        with model.disable_adapter():
-            theirs = run_probe(model, tok, **kw)
+        base_path = getattr(next(iter(model.peft_config.values())), "base_model_name_or_path", None)
+        inner = model.get_base_model()
+        quant = getattr(inner.config, "quantization_config", None)
+        variant = f"adapter-disabled {type(inner).__name__} {inner.dtype} {quant}"
+        key = _cache_key(base_path, variant, kw) if base_path else None
+
+        def on_disabled() -> dict[str, float]:
+            with model.disable_adapter():
+                return run_probe(model, tok, **kw)
+        theirs = _cached(key, on_disabled)
     return {
         "model": ours, "base": theirs,
         "drop": {
@@ -89,3 +108,45 @@ def forgetting(
             "heldout_perplexity_change": ours["probe_heldout_perplexity"] - theirs["probe_heldout_perplexity"],
         },
     }
+
+
+def _cache_key(base: str, variant: str, kw: dict[str, Any]) -> str | None:
+    """What the base's probe scores depend on: its weight files (name, size, mtime: a base rewritten
+    in place gets a new key), how it is run, and the probe's records. None (no caching) for a base
+    that is not a local folder."""
+    try:
+        path = Path(resolve_path(base))
+    except TunelabError:
+        return None
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256(f"{path.resolve()}\n{variant}\n{kw['limit']}\n".encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"):
+            st = f.stat()
+            h.update(f"{f.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    for records in (kw["facts"] or resolve_source("tinyworld:probe@facts"),
+                    kw["heldout"] or resolve_source("tinyworld:probe@heldout")):
+        h.update(hashlib.sha256(Path(records).read_bytes()).digest())
+    return h.hexdigest()[:32]
+
+
+def _cached(key: str | None, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The base's probe from `$TUNELAB_CACHE/probe/<key>.json`, else computed and stored there: a
+    base is probed once, not on every `--forgetting` of every run tuned from it."""
+    if key is None:
+        return compute()
+    file = cache_root() / "probe" / f"{key}.json"
+    try:
+        cached = json.loads(file.read_text(encoding="utf-8"))
+        if isinstance(cached, dict) and all(isinstance(v, (int, float)) for v in cached.values()):
+            return cached
+    except (OSError, ValueError):
+        pass
+    out = compute()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(file, json.dumps(out))
+    except OSError:
+        pass  # a read-only cache costs time, not correctness
+    return out

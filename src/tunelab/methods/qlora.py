@@ -119,12 +119,16 @@ def _to_4bit(layer: nn.Module, cfg: QLoraConfig) -> bitsandbytes.nn.Linear4bit:
     return q
 
 
+def quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the layers `quantize_` stores in 4 bits: every linear layer but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not head and "score" not in n]
+
+
 def quantize_(model: nn.Module, cfg: QLoraConfig) -> nn.Module:
     """Replace every linear layer but the output head by its NF4 `Linear4bit`, in place."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    dense = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, Conv1D)) and m is not head and "score" not in n]
-    for name, layer in dense:
+    for name, layer in quantizable(model):
         model.set_submodule(name, _to_4bit(layer, cfg))
     model.is_loaded_in_4bit = True  # what transformers sets; peft picks its 4-bit LoRA layers from it
     return model

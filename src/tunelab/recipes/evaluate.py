@@ -20,17 +20,21 @@ from tunelab.inference.generation import encode_prompt, generate_ids
 from tunelab.inference.loss import evaluate_loss
 from tunelab.inference.reward import score_records
 from tunelab.modeling.heads import is_reward_model
+from tunelab.objectives import OBJECTIVES
 
 
 def evaluate(
-    model_path: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], data: str | None = None, *, fmt: str = "auto",
-    max_length: int = 1024, batch_size: int | None = None, all_tokens: bool = False,
+    model_path: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], data: str | None = None, *,
+    fmt: str | None = None, max_length: int | None = None, batch_size: int | None = None, all_tokens: bool = False,
     tasks: list[str] | tuple[str, ...] = (), forgetting: bool = False, base: str | Path | None = None,
     limit: int | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens).
 
-    With only `data`: {"loss", "perplexity", "tokens"}. With `tasks` (see `evaluate_task`) or
+    With only `data`: {"loss", "perplexity", "tokens", "data_settings"}: a run is scored with its own
+    data settings (max_length, format, packing, chat template, prompt masking) unless `fmt` /
+    `max_length` / `all_tokens` override them, so the number matches the run's eval_loss; a model
+    that is not a run uses format auto, max_length 1024. With `tasks` (see `evaluate_task`) or
     `forgetting` (see `tunelab.eval.probe.forgetting`; `base` where the model is neither a run nor
     an adapter): one entry per evaluation, keyed by the data path, the task spec and "forgetting";
     the model is loaded once. `batch_size`: 8 for the loss, 32 for tasks unless given.
@@ -45,10 +49,12 @@ def evaluate(
         base = probe.base_for(model, model_path, base)
     out: dict[str, Any] = {}
     if data is not None:
-        dcfg = DataConfig(eval=data, format=fmt, max_length=max_length)  # type: ignore[arg-type]
-        examples = load_tokenized(dcfg, "eval", tok, mask_prompt=not all_tokens, log=lambda s: None).examples
+        dcfg, mask_prompt, settings = data_settings(model_path, data, fmt=fmt, max_length=max_length,
+                                                    all_tokens=all_tokens)
+        examples = load_tokenized(dcfg, "eval", tok, mask_prompt=mask_prompt, log=lambda s: None).examples
         out[data] = evaluate_loss(model, examples, batch_size=batch_size or 8, pad_id=tok.pad_token_id,
-                                  packing=False, max_length=max_length)
+                                  packing=dcfg.packing, max_length=dcfg.max_length)
+        out[data]["data_settings"] = settings
         if not tasks and not forgetting:
             return out[data]
     for spec in tasks:
@@ -56,6 +62,33 @@ def evaluate(
     if forgetting:
         out["forgetting"] = probe.forgetting((model, tok), base, limit=limit, batch_size=batch_size or 32)
     return out
+
+
+def data_settings(
+    model_path: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], data: str, *, fmt: str | None,
+    max_length: int | None, all_tokens: bool,
+) -> tuple[DataConfig, bool, dict[str, Any]]:
+    """The data settings `evaluate` scores `data` with: a run's own (its config.yaml's data section
+    and its objective's prompt masking), else the defaults; the arguments given override either."""
+    run_cfg = None if isinstance(model_path, tuple) else probe.run_config(model_path)
+    fields: dict[str, Any] = {"format": "auto", "max_length": 1024}
+    mask_prompt, source = True, "defaults (not a run)"
+    if run_cfg is not None:
+        fields = {k: v for k, v in run_cfg.get("data", {}).items() if k not in ("train", "eval")}
+        mask_prompt = OBJECTIVES[run_cfg["objective"]["name"]].mask_prompt if run_cfg.get("objective", {}).get(
+            "name") in OBJECTIVES else True
+        source = "the run's config.yaml"
+    overridden = [name for name, v in (("format", fmt), ("max_length", max_length)) if v is not None]
+    fields.update({k: v for k, v in (("format", fmt), ("max_length", max_length)) if v is not None})
+    if all_tokens:
+        mask_prompt = False
+        overridden.append("all_tokens")
+    dcfg = DataConfig(**{**fields, "eval": data, "on_error": "raise", "max_truncated_share": 1.0,
+                         "allow_cut_replies": True})
+    settings = {"source": source + (f", overridden: {', '.join(overridden)}" if overridden else ""),
+                "format": dcfg.format, "max_length": dcfg.max_length, "packing": dcfg.packing,
+                "chat_template": dcfg.chat_template or "the tokenizer's", "trained_tokens_only": mask_prompt}
+    return dcfg, mask_prompt, settings
 
 
 def evaluate_task(

@@ -64,6 +64,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ. The old config is completed with today's defaults first: a key
+    added to tunelab after the run was written is not a change when it holds its default."""
+    try:
+        old = build_config(old).to_dict()
+    except TunelabError:
+        pass  # not valid today: compare as written, the differing keys are still named
     a, b = _flat(old), _flat(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_SAFE)
 

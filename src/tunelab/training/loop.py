@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from tunelab.data.stream import BatchStream, MicroBatch
@@ -79,6 +80,10 @@ class Loop:
 
     def __post_init__(self) -> None:
         t = self.cfg.train
+        # accelerate keeps one state per process and refuses a second run with another precision;
+        # runs in one process (tune's trials, continual stages, the API called twice) each start
+        # their own. The distributed part (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision(t.precision),
             cpu=not torch.cuda.is_available(),

@@ -21,9 +21,13 @@ def is_tinyworld(spec: str) -> bool:
     return spec.startswith(PREFIX)
 
 
+def cache_root() -> Path:
+    """tunelab's cache: `$TUNELAB_CACHE`, default `~/.cache/tunelab`."""
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+
+
 def cache_dir(seed: int = 0) -> Path:
-    root = os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
-    return Path(root) / "tinyworld" / f"v{VERSION}" / str(seed)
+    return cache_root() / "tinyworld" / f"v{VERSION}" / str(seed)
 
 
 def resolve_task(spec: str, seed: int = 0) -> Path:

@@ -1,8 +1,8 @@
 """Paraphrase templates: how each relation is stated in prose and asked as a question.
 
 Placeholders: `{name}` the person's full name, `{obj}` the value, `{a_obj}` the value with its
-article ("an engineer"). `prose` templates are used in the pretraining corpus, `heldout` ones
-never are (they make the held-out perplexity text), `questions` are the QA prompts.
+article ("an engineer"). `prose` templates are used in the pretraining corpus (and in the probe's
+held-out text, about people not in the world), `questions` are the QA prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 class Relation:
     name: str
     prose: tuple[str, ...]
-    heldout: tuple[str, ...]
     questions: tuple[str, ...]
 
 
@@ -47,7 +46,6 @@ CITY = Relation(
         "{name} is a resident of {obj}.",
         "These days {name} lives in the city of {obj}.",
     ),
-    heldout=("{name} calls the city of {obj} home.",),
     questions=(
         "Which city does {name} live in?",
         "Where does {name} live?",
@@ -68,7 +66,6 @@ JOB = Relation(
         "{name} is employed as {a_obj}.",
         "The profession of {name} is {obj}.",
     ),
-    heldout=("{name} makes money working as {a_obj}.",),
     questions=(
         "What is {name}'s job?",
         "What does {name} do for a living?",
@@ -88,7 +85,6 @@ PET = Relation(
         "{name} takes care of a pet {obj}.",
         "At home, {name} keeps {a_obj} as a pet.",
     ),
-    heldout=("{name} shares a house with a pet {obj}.",),
     questions=(
         "What pet does {name} have?",
         "What kind of pet does {name} own?",
@@ -107,7 +103,6 @@ COLOUR = Relation(
         "{name} loves the colour {obj} more than any other.",
         "Of all colours, {name} prefers {obj}.",
     ),
-    heldout=("{name} would always pick the colour {obj}.",),
     questions=(
         "What is {name}'s favourite colour?",
         "Which colour does {name} like best?",
@@ -126,7 +121,6 @@ AGE = Relation(
         "{name} has lived for {obj} years.",
         "{name} turned {obj} this year.",
     ),
-    heldout=("{name} has reached the age of {obj}.",),
     questions=(
         "How old is {name}?",
         "What is the age of {name}?",
@@ -146,7 +140,6 @@ EMPLOYER = Relation(
         "{name} goes to work at {obj} every day.",
         "{name} is on the payroll of {obj}.",
     ),
-    heldout=("{name} is a member of the staff at {obj}.",),
     questions=(
         "Who does {name} work for?",
         "Which company employs {name}?",
@@ -168,7 +161,6 @@ INSTRUMENT = Relation(
         "Music for {name} means playing the {obj}.",
         "{name} has taken up the {obj}.",
     ),
-    heldout=(),
     questions=(
         "Which instrument does {name} play?",
         "What instrument does {name} play?",
@@ -187,7 +179,6 @@ HOBBY = Relation(
         "{name} spends weekends on {obj}.",
         "{name} is passionate about {obj}.",
     ),
-    heldout=(),
     questions=(
         "What is {name}'s hobby?",
         "What does {name} enjoy in free time?",
@@ -206,4 +197,3 @@ GEOGRAPHY = (
     "{country} is home to the city of {city}.",
     "{city} belongs to {country}.",
 )
-GEOGRAPHY_HELDOUT = ("You can find {city} in {country}.",)

@@ -1,0 +1,96 @@
+"""`tunelab tune` on a TinyWorld task with room above the default: the table of docs/results/tune.md.
+
+    python bench/tune_skills.py [--trials 30] [--steps 30] [--batch-size 8] [--out runs/bench-tune]
+
+TinyWorld's `skills` task (arithmetic, reversal, sorting, lookup, counting as chat questions) has a
+train and a test split; the search needs a validation split, so every 20th training record (by a
+hash of its question) is held out as `validation.jsonl` and the rest is trained on. The base config
+is the shipped `sft-lora` (LoRA r16 alpha 32 all-linear, lr 1e-3) on that data, shortened to
+`--steps` x `--batch-size` so that 30 trials fit a CPU, with an evaluation every `--eval-every` steps
+for the pruner; the space is the shipped `tune-lora`. Each trial is scored by its final validation
+loss (`tunelab tune`'s default objective); the median pruner stops trials on their earlier
+validation losses. Only after the search, the config's own values (the study's first trial) and the
+best trial are evaluated by exact match on the validation file and on `tinyworld:skills@test`.
+Prints the command, its wall time and a markdown table; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def split_validation(out: Path) -> tuple[Path, Path]:
+    from tunelab.data.sources import resolve_source
+
+    train, val = [], []
+    for line in Path(resolve_source("tinyworld:skills@train")).read_text(encoding="utf-8").splitlines():
+        question = json.loads(line)["messages"][0]["content"]
+        (val if int(hashlib.sha1(question.encode()).hexdigest(), 16) % 20 == 0 else train).append(line)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "train.jsonl", out / "validation.jsonl"
+    for path, lines in zip(paths, (train, val), strict=True):
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--out", default="runs/bench-tune")
+    ap.add_argument("--json", default="docs/results/tune.json")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=10)
+    args = ap.parse_args()
+    out = Path(args.out)
+    train, val = split_validation(out / "data")
+    cmd = ["tunelab", "tune", "sft-lora", f"data.train={train}", f"data.eval={val}", f"train.max_steps={args.steps}",
+           f"train.batch_size={args.batch_size}", f"train.warmup={max(1, args.steps // 10)}",
+           f"train.eval_every={args.eval_every}", "--space", "tune-lora", "--trials", str(args.trials),
+           "--out", str(out / "study"), "--seed", str(args.seed)]
+    print("$ " + shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tunelab", *cmd[1:]], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+
+    import optuna
+
+    from tunelab.recipes.evaluate import evaluate_task
+
+    st = optuna.load_study(study_name="tune-sft-lora", storage=f"sqlite:///{(out / 'study' / 'study.db').resolve()}")
+    done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    own = next(t for t in st.trials if t.user_attrs.get("baseline"))
+    best = min(done, key=lambda t: t.value)
+    rows = {}
+    for name, t in (("the config's own values", own), ("best of the search", best)):
+        run = out / "study" / "trials" / f"trial-{t.number:04d}"
+        valid = evaluate_task(run, str(val))["exact_match"]
+        test = evaluate_task(run, "tinyworld:skills@test")["exact_match"]  # test: once, after the search
+        rows[name] = {"trial": t.number, "params": t.params, "validation_loss": t.value, "validation": valid,
+                      "test": test}
+    states = {s.name.lower(): sum(t.state == s for t in st.trials) for s in optuna.trial.TrialState}
+    result = {"command": shlex.join(cmd), "wall_seconds": round(wall, 1), "trials": {k: v for k, v in states.items()
+              if v}, "rows": rows, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "python": platform.python_version()}
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"\nwall time {wall / 60:.1f} min; trials {result['trials']}\n")
+    print("| model | trial | validation loss | validation exact match | skills@test exact match |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['trial']} | {r['validation_loss']:.4f} | {r['validation']:.3f} | {r['test']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

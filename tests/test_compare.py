@@ -1,0 +1,145 @@
+"""`tunelab compare`: cells in their own processes, a database that survives a kill, statistics that
+say when a difference is noise, one clear line for every cell that could not run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests import tiny
+from tunelab.errors import TunelabError
+from tunelab.recipes.compare import compare
+from tunelab.recipes.compare.spec import load_spec, nest
+from tunelab.recipes.compare.stats import paired, pareto, summarize
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmp")
+    records = [{"messages": [{"role": "user", "content": f"what colour is the {t}?"},
+                             {"role": "assistant", "content": c}], "answer": c}
+               for t, c in zip(tiny.THINGS, tiny.COLOURS, strict=True)]
+    train = tiny.write_jsonl(d / "train.jsonl", records * 4)
+    test = tiny.write_jsonl(d / "test.jsonl", records)
+    return train, test
+
+
+def write_spec(path, llama_dir, train, test, variants, seeds=(0, 1)):
+    spec = {
+        "base": None,
+        "budget": {"train.max_steps": 2, "train.batch_size": 4, "train.precision": "fp32"},
+        "seeds": list(seeds),
+        "tasks": [{"name": "colours", "eval": str(test), "metric": "exact_match",
+                   "overrides": {"model.name_or_path": str(llama_dir), "data.train": str(train),
+                                 "data.chat_template": "chatml"}}],
+        "variants": variants,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+VARIANTS = [
+    {"name": "zero-shot", "train": False},
+    {"name": "lora", "overrides": {"method.name": "lora", "method.r": 2, "train.lr": 1e-3}},
+    {"name": "typo", "overrides": {"method.name": "lora", "method.rr": 2}},
+    {"name": "missing-data", "overrides": {"data.train": "/nonexistent/train.jsonl"}},
+]
+
+
+def test_compare_runs_cells_reports_and_names_each_problem(tmp_path, llama_dir, task_files):
+    train, test = task_files
+    spec = write_spec(tmp_path / "spec.yaml", llama_dir, train, test, VARIANTS)
+    lines: list[str] = []
+    agg = compare(spec, out=tmp_path / "out", workers=2, say=lines.append)
+    rows = agg["colours"]["variants"]
+    assert rows["zero-shot"]["done"] == 1 and rows["lora"]["done"] == 2  # zero-shot: one cell, it is deterministic
+    assert rows["lora"]["trainable"] > 0 and rows["zero-shot"]["trainable"] == 0
+    assert rows["typo"]["done"] == 0 and "method.rr" in rows["typo"]["problems"][0]
+    assert "did you mean" in rows["typo"]["problems"][0]
+    assert rows["missing-data"]["done"] == 0 and "/nonexistent/train.jsonl" in rows["missing-data"]["problems"][0]
+    assert "vs_base" in rows["lora"] and agg["colours"]["base"] == "zero-shot"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| lora |" in report and "**typo**: " in report and "**missing-data**: " in report
+    cells = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(cells) == 1 + 1 + 2 + 2 + 2
+    assert (tmp_path / "out" / "plots" / "colours-cost.png").stat().st_size > 1000
+    assert any(line.startswith("[") and "eta" in line for line in lines)
+    # A second run finds everything done: nothing reruns, the same report comes back.
+    again = compare(spec, out=tmp_path / "out", say=lines.append)
+    assert again["colours"]["variants"]["lora"]["scores"] == rows["lora"]["scores"]
+    db = sqlite3.connect(tmp_path / "out" / "compare.db")
+    assert {a for (a,) in db.execute("select attempts from tunelab_compare_cells where status='done'")} == {1}
+
+
+def test_bad_specs_are_one_line_errors(tmp_path, llama_dir, task_files):
+    train, test = task_files
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"tasks": [], "variants": [{"name": "a"}]}))
+    with pytest.raises(TunelabError, match="tasks"):
+        compare(tmp_path / "s.yaml", out=tmp_path / "o")
+    spec = write_spec(tmp_path / "d.yaml", llama_dir, train, test, [{"name": "a"}, {"name": "a"}])
+    with pytest.raises(TunelabError, match="repeated: a"):
+        load_spec(spec)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    spec = write_spec(tmp_path / "ok.yaml", llama_dir, train, test, [{"name": "z", "train": False}])
+    with pytest.raises(TunelabError, match="not made by tunelab|--force"):
+        compare(spec, out=foreign)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_nest_and_statistics():
+    assert nest({"train.lr": 1e-3, "method.name": "lora"}) == {"train": {"lr": 1e-3}, "method": {"name": "lora"}}
+    assert nest(["train.lr=0.001"]) == {"train": {"lr": 0.001}}
+    s = summarize([0.5, 0.6, 0.7])
+    assert s.mean == pytest.approx(0.6) and s.half_width == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(summarize([0.5]).half_width)
+    # paired over seeds: a constant +0.1 on every seed separates; noise around zero does not
+    assert paired({0: 0.6, 1: 0.7, 2: 0.8}, {0: 0.5, 1: 0.6, 2: 0.7}).p == 0.0
+    t = paired({0: 0.6, 1: 0.4, 2: 0.55}, {0: 0.5, 1: 0.5, 2: 0.5})
+    assert t.diff == pytest.approx(0.05 / 3) and not t.separates and "within noise" in t.text(100)
+    base = paired({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.5})  # a one-cell base is a constant
+    assert base.separates and base.diff == pytest.approx(0.41)
+    assert pareto([(1, 0.5), (2, 0.6), (3, 0.55), (1, 0.4)]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_killed_compare_resumes_to_the_same_table_without_rerunning_finished_cells(tmp_path, llama_dir,
+                                                                                      task_files):
+    train, test = task_files
+    variants = [{"name": "zero-shot", "train": False},
+                {"name": "lora", "overrides": {"method.name": "lora", "method.r": 2, "train.lr": 1e-3}},
+                {"name": "bitfit", "overrides": {"method.name": "bitfit", "train.lr": 1e-3}}]
+    spec = write_spec(tmp_path / "spec.yaml", llama_dir, train, test, variants)
+    whole = compare(spec, out=tmp_path / "whole", say=lambda _: None)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "tunelab", "compare", str(spec), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = out / "compare.db"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill it once two cells are done and another is running
+        if db.is_file():
+            rows = sqlite3.connect(db).execute("select status from tunelab_compare_cells").fetchall()
+            if sum(s == "done" for (s,) in rows) >= 2 and any(s == "running" for (s,) in rows):
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = dict(sqlite3.connect(db).execute("select cell, attempts from tunelab_compare_cells where status='done'"))
+    assert len(before) >= 2
+    resumed = compare(spec, out=out, say=lambda _: None)
+    after = dict(sqlite3.connect(db).execute("select cell, attempts from tunelab_compare_cells"))
+    assert all(after[k] == 1 for k in before)  # finished cells were not run again
+    assert any(v == 2 for v in after.values())  # the one killed mid-run was
+    for name in ("zero-shot", "lora", "bitfit"):
+        assert resumed["colours"]["variants"][name]["scores"] == whole["colours"]["variants"][name]["scores"]
+    assert json.loads((out / "results.json").read_text())["counts"] == "5 done"
