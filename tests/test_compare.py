@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from tests import tiny
-from tunelab.errors import TunelabError
-from tunelab.recipes.compare import compare
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.recipes.compare import _only, compare
 from tunelab.recipes.compare.spec import load_spec, nest
 from tunelab.recipes.compare.stats import paired, pareto, summarize
 
@@ -109,6 +109,8 @@ def test_nest_and_statistics():
     assert t.diff == pytest.approx(0.05 / 3) and not t.separates and "within noise" in t.text(100)
     base = paired({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.5})  # a one-cell base is a constant
     assert base.separates and base.diff == pytest.approx(0.41)
+    flipped = paired({0: 0.5}, {0: 0.9, 1: 0.91, 2: 0.92})  # the base against the best
+    assert flipped.diff == pytest.approx(-0.41) and flipped.p == base.p
     assert pareto([(1, 0.5), (2, 0.6), (3, 0.55), (1, 0.4)]) == [0, 1]
 
 
@@ -143,3 +145,17 @@ def test_a_killed_compare_resumes_to_the_same_table_without_rerunning_finished_c
     for name in ("zero-shot", "lora", "bitfit"):
         assert resumed["colours"]["variants"][name]["scores"] == whole["colours"]["variants"][name]["scores"]
     assert json.loads((out / "results.json").read_text())["counts"] == "5 done"
+
+
+def test_part_of_a_spec_runs_with_variants_and_tasks_filters(tmp_path, llama_dir, task_files):
+    """--variants/--tasks: a variant limited to tasks of which some are filtered out keeps the rest;
+    a name the spec lacks is an error naming what it has."""
+    train, test = task_files
+    spec_file = write_spec(tmp_path / "s.yaml", llama_dir, train, test,
+                           [{"name": "z", "train": False}, {"name": "l", "tasks": ["colours"]}])
+    spec, _ = load_spec(spec_file)
+    spec = spec.model_copy(update={"tasks": [*spec.tasks, spec.tasks[0].model_copy(update={"name": "other"})]})
+    part = _only(spec, ["l"], ["other"])
+    assert [v.name for v in part.variants] == ["l"] and part.variants[0].tasks == []
+    with pytest.raises(ConfigError, match="unknown variant.*nope; the spec has: z, l"):
+        _only(spec, ["nope"], None)

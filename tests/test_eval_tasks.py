@@ -354,7 +354,10 @@ def test_the_base_probe_is_cached_and_recomputed_when_the_base_changes(llama_dir
 def test_eval_data_on_a_run_uses_the_runs_data_settings(llama_dir, chat_data, tmp_path, capsys):
     """`tunelab eval RUN --data FILE` scores the file as the run's own eval did (its max_length,
     template, masking): the same loss over the same tokens, and it says which settings it used."""
-    train, dev = chat_data
+    train, _ = chat_data
+    long_reply = " ".join(tiny.COLOURS * 4)  # longer than max_length below, whatever the tokenizer
+    dev = tiny.write_jsonl(tmp_path / "dev.jsonl", tiny.chat_records(8, seed=2) + [
+        {"messages": [{"role": "user", "content": "list the colours"}, {"role": "assistant", "content": long_reply}]}])
     res = api.train({"model": {"name_or_path": str(llama_dir)},
                      "data": {"train": str(train), "eval": str(dev), "max_length": 40, "chat_template": "chatml",
                               "max_truncated_share": 1.0, "allow_cut_replies": True},

@@ -66,8 +66,10 @@ def _only(spec: CompareSpec, variants: list[str] | None, tasks: list[str] | None
         unknown = [w for w in wanted or [] if w not in known]
         if unknown:
             raise ConfigError(f"unknown {kind}(s) {', '.join(unknown)}; the spec has: {', '.join(known)}")
-    keep_v = [v for v in spec.variants if variants is None or v.name in variants]
     keep_t = [t for t in spec.tasks if tasks is None or t.name in tasks]
+    dropped = {t.name for t in spec.tasks} - {t.name for t in keep_t}
+    keep_v = [v if v.tasks is None else v.model_copy(update={"tasks": [t for t in v.tasks if t not in dropped]})
+              for v in spec.variants if variants is None or v.name in variants]
     return spec.model_copy(update={"variants": keep_v, "tasks": keep_t})
 
 

@@ -151,7 +151,7 @@ def _plots(out: Path, agg: dict[str, Any]) -> dict[str, list[str]]:
         for ax, (key, label) in zip(axes, (("trainable", "trainable parameters"), ("peak_rss_mb", "peak RSS (MB)"),
                                            ("wall_seconds", "wall time per cell (s)")), strict=True):
             _scatter(ax, rows, key, label)
-        fig.suptitle(f"{task}: score vs cost (Pareto front: line)")
+        fig.suptitle(f"{task}: score vs cost (red: the Pareto front)")
         fig.tight_layout()
         fig.savefig(out / "plots" / f"{safe}-cost.png", dpi=110)
         plt.close(fig)

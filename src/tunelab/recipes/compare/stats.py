@@ -57,6 +57,9 @@ class Test:
 def paired(a: dict[int, float], b: dict[int, float]) -> Test:
     """Paired t-test of a - b over the seeds both have; a `b` of one value (a deterministic
     zero-shot base is one cell) is compared as a constant (one-sample test)."""
+    if len(a) == 1 and len(b) > 1:  # the one-cell side first: the same test, the sign turned
+        flipped = paired(b, a)
+        return Test(-flipped.diff, flipped.p)
     if len(b) == 1 and len(a) > 1:
         const = next(iter(b.values()))
         b = {k: const for k in a}
