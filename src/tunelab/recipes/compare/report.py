@@ -116,7 +116,8 @@ def _task_table(t: dict[str, Any]) -> str:
     for name in order:
         r = rows[name]
         if "summary" not in r:
-            body.append(f"| {name} | failed | | | | | | | 0/{r['cells']} |")
+            what = "failed" if r["problems"] else "not run yet"
+            body.append(f"| {name} | {what} | | | | | | | 0/{r['cells']} |")
             continue
         scale = 100.0 if 0 <= r["summary"].mean <= 1 and not r["lower_is_better"] else 1.0
         base = r["vs_base"].text(scale) if "vs_base" in r else ("base" if name == t["base"] else "")
