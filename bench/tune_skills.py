@@ -3,16 +3,16 @@
     python bench/tune_skills.py [--trials 30] [--steps 60] [--batch-size 16] [--out runs/bench-tune]
 
 TinyWorld's `skills` task (arithmetic, reversal, sorting, lookup, counting as chat questions) has a
-train and a test split; the search needs a validation split, so every 20th training record (by a
+train and a test split; the search needs a validation split, so every 10th training record (by a
 hash of its question) is held out as `validation.jsonl` and the rest is trained on. The base config
 is the shipped `sft-lora` (LoRA r16 alpha 32 all-linear, lr 1e-3, 60 steps, warmup 6) on that data,
 with `--batch-size` 16 instead of 32 so that 30 trials fit two CPU cores, and an evaluation every
 `--eval-every` steps for the pruner; the space is the shipped `tune-lora`. Torch runs one thread per
 process (`OMP_NUM_THREADS=1`, unless set): on two shared cores a second thread costs far more than
-it gains. Each trial is scored by its final validation
-loss (`tunelab tune`'s default objective); the median pruner stops trials on their earlier
-validation losses. Only after the search, the config's own values (the study's first trial) and the
-best trial are evaluated by exact match on the validation file and on `tinyworld:skills@test`.
+it gains. Each trial is scored by exact match on the
+validation file (`--metric FILE:exact_match`, maximized); the median pruner stops trials on their
+earlier validation losses. Only after the search, the config's own values (the study's first
+trial) and the best trial are evaluated on `tinyworld:skills@test`.
 Prints the command, its wall time and a markdown table; writes JSON.
 """
 
@@ -38,7 +38,7 @@ def split_validation(out: Path) -> tuple[Path, Path]:
     train, val = [], []
     for line in Path(resolve_source("tinyworld:skills@train")).read_text(encoding="utf-8").splitlines():
         question = json.loads(line)["messages"][0]["content"]
-        (val if int(hashlib.sha1(question.encode()).hexdigest(), 16) % 20 == 0 else train).append(line)
+        (val if int(hashlib.sha1(question.encode()).hexdigest(), 16) % 10 == 0 else train).append(line)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "train.jsonl", out / "validation.jsonl"
     for path, lines in zip(paths, (train, val), strict=True):
@@ -61,7 +61,7 @@ def main() -> None:
     cmd = ["tunelab", "tune", "sft-lora", f"data.train={train}", f"data.eval={val}", f"train.max_steps={args.steps}",
            f"train.batch_size={args.batch_size}", f"train.warmup={max(1, args.steps // 10)}",
            f"train.eval_every={args.eval_every}", "--space", "tune-lora", "--trials", str(args.trials),
-           "--out", str(out / "study"), "--seed", str(args.seed)]
+           "--out", str(out / "study"), "--metric", f"{val}:exact_match", "--seed", str(args.seed)]
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tunelab", *cmd[1:]], check=True,
@@ -78,14 +78,14 @@ def main() -> None:
     st = optuna.load_study(study_name="tune-sft-lora", storage=f"sqlite:///{(out / 'study' / 'study.db').resolve()}")
     done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
     own = next(t for t in st.trials if t.user_attrs.get("baseline"))
-    best = min(done, key=lambda t: t.value)
+    best = max(done, key=lambda t: t.value)
     rows = {}
     t1 = time.perf_counter()
     for name, t in (("the config's own values", own), ("best of the search", best)):
         run = out / "study" / "trials" / f"trial-{t.number:04d}"
-        valid = evaluate_task(run, str(val))["exact_match"]
+        loss = json.loads((run / "summary.json").read_text())["eval_loss"]
         test = evaluate_task(run, "tinyworld:skills@test")["exact_match"]  # test: once, after the search
-        rows[name] = {"trial": t.number, "params": t.params, "validation_loss": t.value, "validation": valid,
+        rows[name] = {"trial": t.number, "params": t.params, "validation_loss": loss, "validation": t.value,
                       "test": test}
     states = {s.name.lower(): sum(t.state == s for t in st.trials) for s in optuna.trial.TrialState}
     result = {"command": shlex.join(cmd), "wall_seconds": round(wall, 1),

@@ -106,6 +106,10 @@ def test_a_study_writes_a_best_yaml_that_loads_trials_csv_and_a_report(base, tmp
     assert (out / "history.png").stat().st_size > 0
     assert not (out / "trials" / "trial-0000" / "checkpoints").exists()  # trials keep their model, not checkpoints
     assert (out / "trials" / "trial-0000" / "final").is_dir()
+    again = tune(base, space, trials=3, out=out, seed=0, quiet=True)  # resumed: the study is full, nothing runs
+    assert again.counts == r.counts and len(rows) == len((out / "trials.csv").read_text().splitlines())
+    with pytest.raises(TunelabError, match="made with another search space"):
+        tune(base, LR, trials=4, out=out, quiet=True)
 
 
 def test_failing_trials_get_one_line_each_and_the_study_goes_on(base, tmp_path, monkeypatch, capsys):

@@ -55,8 +55,10 @@ class Metric:
     task: str | None = None
     direction: str = "minimize"
 
-    def __str__(self) -> str:
-        return f"{self.task}:{self.name}" if self.task else self.name
+    def __str__(self) -> str:  # a file is named by its file name: a progress line stays short
+        if self.task is None:
+            return self.name
+        return f"{self.task if self.task.startswith('tinyworld:') else Path(self.task).name}:{self.name}"
 
 
 def parse_metric(spec: str, direction: str | None = None) -> Metric:
@@ -224,8 +226,8 @@ def _digest(obj: Any) -> str:
 def _check_same_study(st: optuna.Study, base: dict[str, Any], params: dict[str, Param], goal: Metric) -> None:
     """A resumed study must search the same space, on the same base, for the same metric."""
     base_no_out = {k: v for k, v in base.items() if k != "output"}
-    mine = {"tunelab_space": {k: p.describe() for k, p in params.items()}, "tunelab_metric": str(goal),
-            "tunelab_base": _digest(base_no_out)}
+    mine = {"tunelab_space": {k: p.describe() for k, p in params.items()},
+            "tunelab_metric": f"{goal.task or ''}:{goal.name}:{goal.direction}", "tunelab_base": _digest(base_no_out)}
     theirs = st.user_attrs
     if "tunelab_space" not in theirs:
         for k, v in mine.items():
