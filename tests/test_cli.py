@@ -167,6 +167,26 @@ def test_a_missing_config_fails_before_torch_is_imported(tmp_path):
 
 
 @pytest.mark.parametrize("override, hint", [("method.name=lroa", "did you mean 'lora'?"),
+                                            ("objective.name=dop", "did you mean 'dpo'?"),
+                                            ("train.max_step=3", "did you mean 'max_steps'?"),
+                                            ("trian.lr=1", "did you mean 'train'?")])
+def test_a_misspelt_key_or_name_fails_before_torch_is_imported(tmp_path, override, hint):
+    code = ("import sys\nfrom tunelab.cli import main\ntry:\n    main(['train', 'sft-lora', %r])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n" % override)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert hint in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_names_known_before_import_are_the_registries():
+    from tunelab.config import METHOD_NAMES, OBJECTIVE_NAMES
+    from tunelab.methods import METHODS
+    from tunelab.objectives import OBJECTIVES
+
+    assert sorted(METHOD_NAMES) == sorted(METHODS) and sorted(OBJECTIVE_NAMES) == sorted(OBJECTIVES)
+
+
+@pytest.mark.parametrize("override, hint", [("method.name=lroa", "did you mean 'lora'?"),
                                             ("train.max_step=3", "did you mean 'max_steps'?"),
                                             ("data.packng=true", "did you mean 'packing'?")])
 def test_near_misses_get_a_suggestion(capsys, override, hint):

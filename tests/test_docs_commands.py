@@ -118,6 +118,8 @@ COMMANDS: dict[str, str] = {
     # docs/tune.md
     "tunelab tune sft-lora --space tune-lora --trials 30 --out runs/tune-lora": RUN,
     "tunelab train runs/tune-lora/best.yaml": RUN,
+    "tunelab tune sft-lora --space lr-grid --sampler grid --trials 5 --pruner none "
+    "--metric tinyworld:qa@validation:exact_match --out runs/lr-grid": RUN,
     "tunelab tune sft-lora --space tune-lora --trials 30 --out runs/tune-a --storage sqlite:///runs/study.db "
     "--study s &": "a worker started in the background (shell job control) beside a second one",
     "tunelab tune sft-lora --space tune-lora --trials 30 --out runs/tune-b --storage sqlite:///runs/study.db "

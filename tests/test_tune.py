@@ -112,6 +112,24 @@ def test_a_study_writes_a_best_yaml_that_loads_trials_csv_and_a_report(base, tmp
         tune(base, LR, trials=4, out=out, quiet=True)
 
 
+def test_a_grid_runs_each_choice_once_and_marks_the_configs_own(base, tmp_path, capsys):
+    """--sampler grid: a 1-D learning-rate sweep runs every value once (trials capped at the grid), the
+    trial with the config's own lr (1e-2) is the baseline; a range cannot be a grid."""
+    grid = {"train.lr": [1e-3, 1e-2, 3e-2]}
+    r = tune(base, grid, trials=10, out=tmp_path / "g", seed=0, quiet=True, sampler="grid", pruner="none")
+    st = study(r.storage, r.study)
+    assert sorted(t.params["train.lr"] for t in st.trials) == [1e-3, 1e-2, 3e-2] and r.counts == {"complete": 3}
+    assert [t.params["train.lr"] for t in st.trials if t.user_attrs.get("baseline")] == [1e-2]
+    assert "(config's own)" in (tmp_path / "g" / "report.md").read_text()
+    with pytest.raises(TunelabError, match="train.lr is a range, not a list of choices"):
+        tune(base, LR, trials=2, out=tmp_path / "r", quiet=True, sampler="grid")
+    code, _, err = cli(capsys, "tune", str(write(tmp_path / "cfg.yaml", base)), "--space",
+                       str(write(tmp_path / "s.yaml", grid)), "--trials", "2", "--sampler", "gird",
+                       "--out", str(tmp_path / "x"))
+    assert code == 2 and "--sampler gird: unknown" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
 def test_failing_trials_get_one_line_each_and_the_study_goes_on(base, tmp_path, monkeypatch, capsys):
     real_step = Loop.train_step
 

@@ -148,6 +148,22 @@ def test_new_facts_are_absent_from_corpus(world, corpus, suites):
     assert train and test and not train & test
 
 
+def test_new_facts_validation_asks_trained_facts_of_people_the_score_never_asks(suites):
+    """Settings are chosen on `validation` and scored on `paraphrases`: both ask facts `train`
+    teaches, in wordings train never uses, about disjoint people."""
+    train, val, para = (read(suites["a"], "new-facts", s) for s in ("train", "validation", "paraphrases"))
+    taught = {(r["person"], r["relation"]): r["answer"] for r in train}
+    asked = {(r["person"], r["messages"][0]["content"]) for r in train}
+    people = {s: {r["person"] for r in rs} for s, rs in (("validation", val), ("paraphrases", para))}
+    assert people["validation"] and people["paraphrases"] and not people["validation"] & people["paraphrases"]
+    assert people["validation"] | people["paraphrases"] == {r["person"] for r in train}
+    assert len(people["validation"]) == len({r["person"] for r in train}) // 5
+    for r in val + para:
+        assert taught[(r["person"], r["relation"])] == r["answer"]
+        assert (r["person"], r["messages"][0]["content"]) not in asked
+    assert len(val) == 3 * 2 * len(people["validation"])  # every unused wording of both facts
+
+
 def test_held_out_text_is_corpus_prose_about_people_not_in_the_world(world, corpus):
     """Same distribution as the corpus (its prose templates, its values), nothing memorised: no
     sentence of it is in the corpus and none of its people is in the world."""

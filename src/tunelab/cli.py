@@ -26,15 +26,16 @@ ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="load .bin/.pt weights
 
 
 def _quick_check(config: str, overrides: list[str]) -> None:
-    """A missing or unreadable config, bad YAML or a bad override fails before torch is imported
-    (a fraction of a second instead of several): the config layer needs only pydantic and YAML."""
+    """A missing or unreadable config, bad YAML, a bad override, an unknown key of the model, data, train or
+    output section or an unknown method or objective name fails before torch is imported (a fraction of a
+    second instead of several): the config layer needs only pydantic and YAML."""
     from pathlib import Path
 
-    from tunelab.config import config_path, parse_overrides, read_yaml
+    from tunelab.config import check_before_import, config_path, deep_merge, parse_overrides, read_yaml
 
     run = Path(config)
-    read_yaml(run / "config.yaml" if run.is_dir() else config_path(config))
-    parse_overrides(overrides)
+    path = run / "config.yaml" if run.is_dir() else config_path(config)
+    check_before_import(deep_merge(read_yaml(path), parse_overrides(overrides)), str(path))
 
 
 def _settings_line(st: dict) -> str:
@@ -328,6 +329,8 @@ def tune(
     direction: str | None = typer.Option(None, "--direction", help="minimize | maximize (default: minimize "
                                          "losses and perplexities, maximize the rest)"),
     seed: int | None = typer.Option(None, "--seed", help="the sampler's seed (one worker: a reproducible search)"),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | grid (each combination of a space of "
+                                "choices once)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Search hyperparameters (Optuna TPE + pruning): best.yaml, trials.csv, report.md and plots in --out.
@@ -336,7 +339,8 @@ def tune(
     from tunelab import api
 
     result = api.tune(config, space, trials=trials, overrides=overrides or [], out=out, storage=storage,
-                      study=study, pruner=pruner, metric=metric, direction=direction, seed=seed, quiet=quiet)
+                      study=study, pruner=pruner, metric=metric, direction=direction, seed=seed, quiet=quiet,
+                      sampler=sampler)
     raise typer.Exit(result.exit_code)
 
 

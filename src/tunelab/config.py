@@ -250,6 +250,42 @@ def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
         raise ConfigError(explain(e, spec.config_cls, prefix=kind)) from None
 
 
+# The registered names, known without importing a method or objective (their modules import torch):
+# a misspelt name is caught in a fraction of a second. tests/test_config.py keeps them equal to the registries.
+METHOD_NAMES = ("adalora", "adapters", "bitfit", "diff_pruning", "dylora", "features", "full", "head", "krona",
+                "lora", "ltsft", "partial", "peft", "prefix", "prompt", "ptuning", "qlora", "threshold_mask")
+OBJECTIVE_NAMES = ("classify", "distill", "dpo", "lm", "ppo", "reward", "sft")
+
+
+class _Sections(Section):
+    """A whole config's sections but `method` and `objective`, whose keys depend on their registries."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: Any = None
+    objective: Any = None
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def check_before_import(raw: dict[str, Any], source: str = "<config>") -> None:
+    """What can be checked without torch: unknown sections and keys, values of the model, data, train and
+    output sections, and the method's and objective's names. The full check (`build_config`) follows."""
+    problems = []
+    for kind, names in (("method", METHOD_NAMES), ("objective", OBJECTIVE_NAMES)):
+        value = raw.get(kind)
+        name = value if isinstance(value, str) else value.get("name") if isinstance(value, dict) else None
+        if isinstance(name, str) and name not in names:
+            problems.append(f"{kind}.name: unknown {kind} {name!r}{did_you_mean(name, names)}; "
+                            f"registered: {', '.join(sorted(names))}")
+    try:
+        _Sections.model_validate(raw)
+    except ValidationError as e:
+        problems += explain(e, _Sections).splitlines()
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in problems))
+
+
 def explain(e: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """A pydantic error as one `key: problem` line per key (a union's branches and a list's items
     joined), unknown keys with the allowed ones."""

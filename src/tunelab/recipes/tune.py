@@ -123,18 +123,22 @@ def tune(
     config: ConfigLike, space: str | Path | dict[str, Any], *, trials: int, overrides: list[str] | None = None,
     out: str | Path | None = None, storage: str | None = None, study: str | None = None,
     pruner: str | optuna.pruners.BasePruner = "median", metric: str = "eval_loss", direction: str | None = None,
-    seed: int | None = None, quiet: bool = False, heartbeat_s: int = 20,
+    seed: int | None = None, quiet: bool = False, heartbeat_s: int = 20, sampler: str = "tpe",
 ) -> TuneResult:
     """Search `space` around `config` (+ `overrides`) for `trials` trials in all; resumes the study
     when it exists. `heartbeat_s`: how often a running trial says it is alive; one silent for 3x
     that is taken for dead (its worker was killed). Writes best.yaml, trials.csv, report.md and
-    plots into `out`."""
+    plots into `out`. `sampler`: tpe (default), random, or grid (every combination of a space of
+    choices once; `trials` is capped at their number)."""
     if trials < 1:
         raise TunelabError(f"--trials {trials}: must be at least 1")
+    if sampler not in SAMPLERS:
+        raise TunelabError(f"--sampler {sampler}: unknown", fix="choose one of: " + ", ".join(SAMPLERS))
     base_cfg = resolve_config(config, overrides)
     base = base_cfg.to_dict()
     params = load_space(space, base)
     goal = parse_metric(metric, direction)
+    trials = _grid_trials(params, trials) if sampler == "grid" else trials
     _check_objective(base, goal, params)
     chosen_pruner = make_pruner(pruner)
     name = study or f"tune-{Path(config).stem if isinstance(config, (str, Path)) else 'config'}"
@@ -142,11 +146,11 @@ def tune(
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     _claim_out(out, name, url)
     say = Reporter(None, quiet=quiet).say
-    st = _open_study(url, name, goal, chosen_pruner, seed, trials, heartbeat_s)
+    st = _open_study(url, name, goal, chosen_pruner, make_sampler(sampler, params, seed, trials), heartbeat_s)
     owned.write_atomic(out / "tune.json", json.dumps({"study": name, "storage": redact(url)}, indent=1))
     _check_same_study(st, base, params, goal)
-    _maybe_baseline(st, base, params, say)
-    runner = _Runner(st, base, params, goal, out, trials, say)
+    own = _maybe_baseline(st, base, params, say, enqueue=sampler != "grid")
+    runner = _Runner(st, base, params, goal, out, trials, say, own)
     status = "completed"
     try:
         status = runner.loop(heartbeat_s)
@@ -190,12 +194,34 @@ def _claim_out(out: Path, name: str, url: str) -> None:
     owned.mark(out, "tune", TUNE_ENTRIES)
 
 
-def _open_study(url: str, name: str, goal: Metric, pruner: optuna.pruners.BasePruner, seed: int | None,
-                trials: int, heartbeat_s: int) -> optuna.Study:
+SAMPLERS = ("tpe", "random", "grid")
+
+
+def _grid_trials(params: dict[str, Param], trials: int) -> int:
+    """A grid search runs each combination once: every key must be a list of choices."""
+    ranged = [k for k, p in params.items() if p.kind != "categorical"]
+    if ranged:
+        raise TunelabError(f"--sampler grid: {', '.join(ranged)} {'is a range' if len(ranged) == 1 else 'are ranges'}"
+                           ", not a list of choices", fix="give each key {choices: [...]} (or a plain list), or use "
+                           "--sampler tpe")
+    return min(trials, math.prod(len(p.labels) for p in params.values()))
+
+
+def make_sampler(name: str, params: dict[str, Param], seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, trials // 3)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler({k: list(p.labels) for k, p in params.items()}, seed=seed)
+    raise AssertionError(name)  # tune() checked it
+
+
+def _open_study(url: str, name: str, goal: Metric, pruner: optuna.pruners.BasePruner,
+                sampler: optuna.samplers.BaseSampler, heartbeat_s: int) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune prints its own line per trial
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for the lock
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, trials // 3)))
     for attempt in range(5):
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
@@ -242,10 +268,10 @@ def _check_same_study(st: optuna.Study, base: dict[str, Any], params: dict[str, 
                            "or name a new study with --study")
 
 
-def _maybe_baseline(st: optuna.Study, base: dict[str, Any], params: dict[str, Param], say: Any) -> None:
-    """A new study tries the config's own values first (when the space holds them): the default to beat."""
-    if st.get_trials(deepcopy=False):
-        return
+def _maybe_baseline(st: optuna.Study, base: dict[str, Any], params: dict[str, Param], say: Any,
+                    enqueue: bool = True) -> dict[str, Any] | None:
+    """A new study tries the config's own values first (when the space holds them): the default to beat.
+    Returns them as optuna stores them (a grid runs them in its turn: not enqueued)."""
     stored = {}
     for key, p in params.items():
         node: Any = base
@@ -254,9 +280,12 @@ def _maybe_baseline(st: optuna.Study, base: dict[str, Any], params: dict[str, Pa
         stored[key] = p.stored(node)
     if any(v is None for v in stored.values()):
         outside = [k for k, v in stored.items() if v is None]
-        say(f"tune: the config's own {', '.join(outside)} lie outside the space: no baseline trial")
-        return
-    st.enqueue_trial(stored, user_attrs={"baseline": True})
+        if not st.get_trials(deepcopy=False):
+            say(f"tune: the config's own {', '.join(outside)} lie outside the space: no baseline trial")
+        return None
+    if enqueue and not st.get_trials(deepcopy=False):
+        st.enqueue_trial(stored, user_attrs={"baseline": True})
+    return stored
 
 
 def counted(t: FrozenTrial) -> bool:
@@ -276,8 +305,8 @@ class _Runner:
     """Runs trials one at a time in this worker until the study holds `trials` counted trials."""
 
     def __init__(self, st: optuna.Study, base: dict[str, Any], params: dict[str, Param], goal: Metric, out: Path,
-                 trials: int, say: Any):
-        self.st, self.base, self.params, self.goal, self.out = st, base, params, goal, out
+                 trials: int, say: Any, own: dict[str, Any] | None = None):
+        self.st, self.base, self.params, self.goal, self.out, self.own = st, base, params, goal, out, own
         self.trials, self.say = trials, say
         self.t0 = time.perf_counter()
         self.durations: list[float] = []
@@ -311,6 +340,8 @@ class _Runner:
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"the study already holds its {self.trials} trials")
         values = {k: p.suggest(trial) for k, p in self.params.items()}
+        if self.own is not None and trial.params == self.own:  # a grid reaching the config's own values
+            trial.set_user_attr("baseline", True)
         run_dir = self.out / "trials" / f"trial-{trial.number:04d}"
         raw = with_params(self.base, values)
         raw = {**raw, "output": {**raw["output"], "dir": str(run_dir)},
