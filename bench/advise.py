@@ -61,10 +61,10 @@ def llama(hidden: int) -> LlamaConfig:
                        tie_word_embeddings=False)
 
 
-def make_batch(rows: int, seq: int, pairs: bool) -> dict[str, torch.Tensor]:
+def make_batch(rows: int, seq: int, pairs: bool, vocab: int = VOCAB, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Random ids, the first quarter a prompt (untrained), the last row right-padded by a quarter."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, VOCAB, (rows, seq), generator=g)
+    ids = torch.randint(2, vocab, (rows, seq), generator=g)
     mask = torch.ones(rows, seq, dtype=torch.long)
     mask[-1, seq - seq // 4:] = 0
     ids[mask == 0] = 0
@@ -74,7 +74,7 @@ def make_batch(rows: int, seq: int, pairs: bool) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if pairs:
         batch["n_pairs"] = torch.tensor(rows // 2)
-    return batch
+    return {k: v.to(device) for k, v in batch.items()}  # as the loop moves each micro-batch
 
 
 def storages(tensors) -> dict[int, int]:
@@ -93,9 +93,10 @@ def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def step(model, runtime, opt, batch, params, saved: dict | None = None, autocast: bool = False) -> int:
+def step(model, runtime, opt, batch, params, saved: dict | None = None, autocast: bool = False,
+         device: str = "cpu") -> int:
     """One optimizer step as training/loop.py runs it; returns the gradient bytes before the update."""
-    with record_function("tunelab::forward"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with record_function("tunelab::forward"), torch.autocast(device, torch.bfloat16, enabled=autocast):
         if saved is None:
             loss_sum, n = runtime.loss(model, batch)
         else:
@@ -125,26 +126,40 @@ def allocator_trace(prof, out: Path) -> tuple[int, int]:
     return max(a for _, a in mem), before[-1] if before else 0
 
 
-def measure(cfg_dir: Path, method: str, objective: str, seq: int, checkpointing: bool, tmp: Path,
-            autocast: bool = False) -> dict:
-    cfg, _ = adv.run_config(str(cfg_dir), method, overrides(method, autocast), objective)
+def build(cfg_dir: Path, method: str, objective: str, checkpointing: bool, over: list[str], device: str = "cpu"):
+    """(model, objective runtime, optimizer, trainable parameters) in training/loop.py's order: the
+    model (fp32, built on `device`) with the method applied, the runtime, checkpointing, AdamW."""
+    cfg, _ = adv.run_config(str(cfg_dir), method, over, objective)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(str(cfg_dir)), attn_implementation="sdpa")
-    model = METHODS[method].apply(model, cfg.method).train()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(str(cfg_dir)), attn_implementation="sdpa",
+                                                 dtype=torch.float32)
+        model = METHODS[method].apply(model, cfg.method).train()
+    runtime = OBJECTIVES[objective].make_runtime(RunContext(cfg, model, None, torch.device(device), lambda _: None))
     if checkpointing:  # as training/loop.py turns it on
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    runtime = OBJECTIVES[objective].make_runtime(RunContext(cfg, model, None, torch.device("cpu"), lambda _: None))
     opt = build_optimizer(model, cfg.train, METHODS[method].optimizer(cfg.method))
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model, runtime, opt, [p for p in model.parameters() if p.requires_grad]
+
+
+def counted(model, runtime, opt, batch) -> dict[str, dict[int, int]]:
+    """Storages (pointer -> bytes) alive between steps: weights, extra models, optimizer states, inputs."""
+    reference = getattr(getattr(runtime, "reference", None), "model", None)
+    return {"weights": storages(weight_tensors(model)),
+            "extras": storages(weight_tensors(reference)) if reference is not None else {},
+            "optimizer": storages(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)),
+            "inputs": storages(batch.values())}
+
+
+def measure(cfg_dir: Path, method: str, objective: str, seq: int, checkpointing: bool, tmp: Path,
+            autocast: bool = False) -> dict:
+    model, runtime, opt, params = build(cfg_dir, method, objective, checkpointing, overrides(method, autocast))
     batch = make_batch(BATCH * (2 if objective == "dpo" else 1), seq, objective == "dpo")
     step(model, runtime, opt, batch, params, autocast=autocast)  # allocates the optimizer states
-    reference = getattr(getattr(runtime, "reference", None), "model", None)
-    weights = storages(weight_tensors(model))
-    extras = storages(weight_tensors(reference)) if reference is not None else {}
-    states = storages(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-    inputs = storages(batch.values())
-    static = sum(weights.values()) + sum(extras.values()) + sum(states.values()) + sum(inputs.values())
+    c = counted(model, runtime, opt, batch)
+    weights, extras, states = c["weights"], c["extras"], c["optimizer"]
+    static = sum(sum(v.values()) for v in c.values())
     saved = {"exclude": set(weights) | set(extras), "bytes": {}}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         grads = step(model, runtime, opt, batch, params, None if checkpointing else saved, autocast)
@@ -163,10 +178,12 @@ def overrides(method: str, autocast: bool) -> list[str]:
 
 
 def estimate(cfg_dir: Path, method: str, objective: str, seq: int, checkpointing: bool, rate: float,
-             autocast: bool = False) -> dict:
-    s = adv.prepare(str(cfg_dir), method, overrides(method, autocast), objective=objective, device="cpu")
-    e = adv.estimate(s, BATCH, seq, checkpointing)
-    t = adv.step_time(s, BATCH, seq, checkpointing, rate=rate)
+             autocast: bool = False, *, device: str = "cpu", batch: int = BATCH, over: list[str] | None = None) -> dict:
+    """`tunelab advise` for one cell (`over`: the overrides, default this bench's for the method)."""
+    over = overrides(method, autocast) if over is None else over
+    s = adv.prepare(str(cfg_dir), method, over, objective=objective, device=device)
+    e = adv.estimate(s, batch, seq, checkpointing)
+    t = adv.step_time(s, batch, seq, checkpointing, rate=rate)
     return {"weights": e.weights, "extras": e.extras, "trainable": s.counts.trainable, "gradients": e.grads,
             "optimizer": e.optimizer, "activations": e.act.total(checkpointing), "peak": e.peak, "phase": e.phase,
             "seconds": t["seconds_per_step"], "flops": t["flops_per_step"], "notes": s.notes}

@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BUDGET = ["train.max_steps=150", "train.batch_size=32", "train.select_best=false", "train.eval_every=0"]
@@ -54,7 +56,7 @@ FAMILIES: dict[str, tuple[str, list[str], list[float], tuple[list[str], str]]] =
 def command(family: str, out: Path) -> tuple[list[str], Path]:
     config, _, grid, (task, metric) = FAMILIES[family]
     space = out / f"{family}-space.yaml"
-    space.write_text(json.dumps({"train.lr": grid}) + "\n", encoding="utf-8")  # JSON is YAML
+    space.write_text(yaml.safe_dump({"train.lr": grid}), encoding="utf-8")
     cmd = ["tunelab", "tune", config, *task, *BUDGET, "--space", str(space), "--sampler", "grid",
            "--trials", str(len(grid)), "--pruner", "none", "--metric", metric, "--out", str(out / family),
            "--study", f"suite-lr-{family}", "--quiet"]
@@ -87,8 +89,6 @@ def run(family: str, out: Path) -> dict:
 
 
 def _shipped_lr(config: str) -> float:
-    import yaml
-
     from tunelab.config import SHIPPED_CONFIGS
 
     return float(yaml.safe_load((SHIPPED_CONFIGS / f"{config}.yaml").read_text())["train"]["lr"])

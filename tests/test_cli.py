@@ -171,8 +171,8 @@ def test_a_missing_config_fails_before_torch_is_imported(tmp_path):
                                             ("train.max_step=3", "did you mean 'max_steps'?"),
                                             ("trian.lr=1", "did you mean 'train'?")])
 def test_a_misspelt_key_or_name_fails_before_torch_is_imported(tmp_path, override, hint):
-    code = ("import sys\nfrom tunelab.cli import main\ntry:\n    main(['train', 'sft-lora', %r])\n"
-            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n" % override)
+    code = (f"import sys\nfrom tunelab.cli import main\ntry:\n    main(['train', 'sft-lora', {override!r}])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
     assert hint in done.stderr and "Traceback" not in done.stderr

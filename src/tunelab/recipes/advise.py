@@ -41,7 +41,9 @@ DEVICES: dict[str, tuple[float, float, bool]] = {
     "t4": (65.0, 8.1, False), "l4": (121.0, 30.3, True), "rtx4090": (165.0, 82.6, True),
     "a100": (312.0, 19.5, True), "h100": (989.0, 67.0, True), "h200": (989.0, 67.0, True),
 }
-GPU_MFU = 0.4  # assumed model-flops utilisation of a training step on a GPU
+# Model-flops utilisation of a tunelab training step on a GPU: measured on an H200, 0.08-0.38 (median 0.24;
+# 0.29-0.38 for 8B-shaped models at 2,048 tokens), docs/results/advise-gpu.md. 0.3: large models, long sequences.
+GPU_MFU = 0.3
 CPU_EFFICIENCY = 0.5  # share of this machine's measured fp32 GEMM rate a CPU step sustains (docs/results/advise.md)
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -262,7 +264,7 @@ def step_time(s: Setup, batch: int, seq: int, checkpointing: bool, rate: float |
     else:
         bf16, fp32, _ = DEVICES[s.device]
         rate = (fp32 if s.precision_label.startswith("float32") and not s.precision.autocast else bf16) * 1e12 * GPU_MFU
-        basis = f"{s.device} data-sheet peak x {GPU_MFU} MFU (assumed)"
+        basis = f"{s.device} data-sheet peak x {GPU_MFU} MFU (measured on an H200)"
     seconds = (train + extra) / rate
     return {"flops_per_step": train + extra, "assumed_flops_per_second": rate, "basis": basis,
             "seconds_per_step": seconds, "tokens_per_second": batch * seq * accum / seconds}
