@@ -9,11 +9,14 @@ grid (`tunelab tune --sampler grid`, half-decade steps around its shipped value)
 budget and on the task where methods differ most: `new-facts` for the generative families, scored by
 exact match on `tinyworld:new-facts@validation` (train people's facts in wordings train never uses,
 about people the suite's score, `@paraphrases`, never asks); `sentiment@validation` accuracy for the
-two classification families. Test splits are never read. One seed per learning rate. The family's
-best is written into configs/compare-tinyworld.yaml by hand, for every member of the family.
+two classification families. Test splits are never read. One seed per learning rate. While the best
+rate is the grid's highest (or lowest) and scores above zero, one more rate a grid step beyond it
+is tried (at most 3): a best on the edge of a grid is not a best. The family's best is written into
+configs/compare-tinyworld.yaml by hand, for every member of the family. A rerun reuses every rate
+already scored (the studies in --out) and tries only what is missing.
 
-Each family's search runs in its own process with `OMP_NUM_THREADS=1` (`--parallel` at once).
-Prints the commands, a markdown table and the chosen rates; writes JSON.
+Each family's searches run in their own processes with `OMP_NUM_THREADS=1` (`--parallel` families at
+once). Prints a markdown table and the chosen rates; writes JSON (with the tune commands).
 """
 
 from __future__ import annotations
@@ -53,39 +56,72 @@ FAMILIES: dict[str, tuple[str, list[str], list[float], tuple[list[str], str]]] =
 }
 
 
-def command(family: str, out: Path) -> tuple[list[str], Path]:
-    config, _, grid, (task, metric) = FAMILIES[family]
-    space = out / f"{family}-space.yaml"
-    space.write_text(yaml.safe_dump({"train.lr": grid}), encoding="utf-8")
+def command(family: str, values: list[float], out: Path, part: int) -> tuple[list[str], Path]:
+    """The tune command that scores `values` for `family`: part 0 is the grid, parts 1.. the rates added
+    beyond its edge (each its own study: a study keeps the space it was made with)."""
+    config, _, _, (task, metric) = FAMILIES[family]
+    name = family if part == 0 else f"{family}-{part}"
+    space = out / f"{name}-space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": values}), encoding="utf-8")
     cmd = ["tunelab", "tune", config, *task, *BUDGET, "--space", str(space), "--sampler", "grid",
-           "--trials", str(len(grid)), "--pruner", "none", "--metric", metric, "--out", str(out / family),
-           "--study", f"suite-lr-{family}", "--quiet"]
-    return cmd, out / family
+           "--trials", str(len(values)), "--pruner", "none", "--metric", metric, "--out", str(out / name),
+           "--study", f"suite-lr-{name}", "--quiet"]
+    return cmd, out / name
 
 
-def run(family: str, out: Path) -> dict:
-    cmd, study_dir = command(family, out)
-    t0 = time.perf_counter()
-    log = out / f"{family}.log"
-    with log.open("w") as f:
-        code = subprocess.run([sys.executable, "-m", "tunelab", *cmd[1:]], stdout=f, stderr=subprocess.STDOUT,
-                              env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-    wall = time.perf_counter() - t0
+def scored(family: str, out: Path) -> tuple[dict[float, float | None], int]:
+    """Every learning rate tried for `family` so far (its studies' values; None: failed) and the parts."""
     import optuna
 
-    st = optuna.load_study(study_name=f"suite-lr-{family}",
-                           storage=f"sqlite:///{(study_dir / 'study.db').resolve()}")
-    scores = {t.params["train.lr"]: (t.value if t.state == optuna.trial.TrialState.COMPLETE else None)
-              for t in st.trials}
-    done = {lr: v for lr, v in scores.items() if v is not None}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    found: dict[float, float | None] = {}
+    parts = 0
+    while (out / (name := family if parts == 0 else f"{family}-{parts}") / "study.db").is_file():
+        url = f"sqlite:///{(out / name / 'study.db').resolve()}"
+        st = optuna.load_study(study_name=f"suite-lr-{name}", storage=url)
+        for t in st.trials:
+            if t.state.is_finished():
+                ok = t.state == optuna.trial.TrialState.COMPLETE
+                found[float(t.params["train.lr"])] = t.value if ok else None
+        parts += 1
+    return found, parts
+
+
+def best_of(found: dict[float, float | None]) -> float | None:
+    done = {lr: v for lr, v in found.items() if v is not None}
     # Ties go to the smaller rate: it moves the base least (less forgetting for the same score).
-    best = min(done, key=lambda lr: (-done[lr], lr)) if done else None
+    return min(done, key=lambda lr: (-done[lr], lr)) if done else None
+
+
+def run(family: str, out: Path, max_extend: int = 3) -> dict:
+    """The family's grid, then, while the best rate is the highest (lowest) one tried and scores above
+    zero, one more rate a grid step beyond it (at most `max_extend`): a best on the edge is not a best."""
     config, members, grid, (_, metric) = FAMILIES[family]
+    t0 = time.perf_counter()
+    commands, codes = [], []
+    values = list(grid)
+    for _ in range(max_extend + 1):
+        found, parts = scored(family, out)
+        todo = [v for v in values if v not in found]
+        if todo:
+            cmd, _ = command(family, todo, out, parts)
+            commands.append(shlex.join(cmd))
+            with (out / f"{family}.log").open("a") as f:
+                codes.append(subprocess.run([sys.executable, "-m", "tunelab", *cmd[1:]], stdout=f,
+                                            stderr=subprocess.STDOUT, env={"OMP_NUM_THREADS": "1", **os.environ,
+                                                                           "PYTHONUNBUFFERED": "1"}).returncode)
+            found, parts = scored(family, out)
+        best, lrs = best_of(found), sorted(found)
+        step = grid[-1] / grid[-2]
+        if best is None or not found[best] or best not in (lrs[0], lrs[-1]):
+            break
+        values.append(float(f"{best * step:.2g}") if best == lrs[-1] else float(f"{best / step:.2g}"))
+    wall = time.perf_counter() - t0
     shipped = _shipped_lr(config)
-    print(f"{family}: exit {code}, {wall:.0f} s, best lr {best} (shipped {shipped})", flush=True)
+    print(f"{family}: {wall:.0f} s, best lr {best} (shipped {shipped})", flush=True)
     return {"family": family, "config": config, "members": members, "metric": metric, "grid": grid,
-            "scores": {str(k): v for k, v in sorted(scores.items())}, "best_lr": best, "shipped_lr": shipped,
-            "wall_seconds": round(wall, 1), "exit_code": code, "command": shlex.join(cmd)}
+            "scores": {str(k): v for k, v in sorted(found.items())}, "best_lr": best, "shipped_lr": shipped,
+            "wall_seconds": round(wall, 1), "exit_codes": codes, "commands": commands}
 
 
 def _shipped_lr(config: str) -> float:
@@ -107,8 +143,6 @@ def main() -> None:
         sys.exit(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for f in families:
-        print("$ " + shlex.join(command(f, out)[0]), flush=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda f: run(f, out), families))
