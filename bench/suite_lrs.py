@@ -11,7 +11,8 @@ exact match on `tinyworld:new-facts@validation` (train people's facts in wording
 about people the suite's score, `@paraphrases`, never asks); `sentiment@validation` accuracy for the
 two classification families. Test splits are never read. One seed per learning rate. While the best
 rate is the grid's highest (or lowest) and scores above zero, one more rate a grid step beyond it
-is tried (at most 3): a best on the edge of a grid is not a best. The family's best is written into
+is tried (at most 3): a best on the edge of a grid is not a best. Where no rate scores above zero,
+the shipped rate is kept (nothing to choose by). The family's choice is written into
 configs/compare-tinyworld.yaml by hand, for every member of the family. A rerun reuses every rate
 already scored (the studies in --out) and tries only what is missing.
 
@@ -118,7 +119,9 @@ def run(family: str, out: Path, max_extend: int = 3) -> dict:
         values.append(float(f"{best * step:.2g}") if best == lrs[-1] else float(f"{best / step:.2g}"))
     wall = time.perf_counter() - t0
     shipped = _shipped_lr(config)
-    print(f"{family}: {wall:.0f} s, best lr {best} (shipped {shipped})", flush=True)
+    if best is not None and not found[best]:  # no rate scores above zero: nothing to choose by
+        best = shipped
+    print(f"{family}: {wall:.0f} s, chosen lr {best} (shipped {shipped})", flush=True)
     return {"family": family, "config": config, "members": members, "metric": metric, "grid": grid,
             "scores": {str(k): v for k, v in sorted(found.items())}, "best_lr": best, "shipped_lr": shipped,
             "wall_seconds": round(wall, 1), "exit_codes": codes, "commands": commands}
