@@ -136,8 +136,8 @@ COMMANDS: dict[str, str] = {
     'pip install torch==2.13.0 "lm-eval[hf]"': NETWORK,
     "tunelab export RUN --merge --out merged/": RUN,
     "lm_eval --model hf --model_args pretrained=merged,dtype=float32 --tasks tinyworld_qa --include_path docs/lm-eval "
-    "--apply_chat_template --batch_size 32 --device cpu": "lm-evaluation-harness is not a tunelab dependency: it runs in "
-    "a virtual environment of its own (the measurement is in docs/tinyworld.md)",
+    "--apply_chat_template --batch_size 32 --device cpu": "lm-evaluation-harness is not a tunelab dependency: it "
+    "runs in a virtual environment of its own (the measurement is in docs/tinyworld.md)",
     "tunelab eval RUN_OR_MODEL --task tinyworld:qa@test --json": RUN,
     "tunelab eval RUN --task tinyworld:probe --forgetting --json": RUN,
     "tunelab eval RUN_OR_MODEL --data my_eval.jsonl --json": RUN,
