@@ -12,6 +12,13 @@ from tests import tiny
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
+@pytest.fixture(autouse=True)
+def _own_data_cache(tmp_path_factory, monkeypatch):
+    """Each test has a tokenized-data cache of its own (data/cache.py), also in the processes it starts:
+    nothing stored by an earlier test or run can answer for this one."""
+    monkeypatch.setenv("TUNELAB_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     """Lazily built tiny random models, one per architecture, shared by the session."""

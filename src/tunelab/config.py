@@ -62,6 +62,8 @@ class DataConfig(Section):
     chat_template: str | None = Field(
         None, description="built-in template name or a .jinja file; default: the tokenizer's own"
     )
+    cache: bool = Field(True, description="keep the tokenized data in $TUNELAB_CACHE/data, keyed by the files' "
+                        "bytes, these settings and the tokenizer: a second run on the same data skips tokenizing")
 
 
 class MethodConfig(Section):

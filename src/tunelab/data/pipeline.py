@@ -12,10 +12,11 @@ import sys
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from tunelab.config import DataConfig
+from tunelab.data import cache
 from tunelab.data.formats import FORMATS, EncodeContext, detect_format, resolve_format
 from tunelab.data.sources import read_records, resolve_source
 from tunelab.data.templates import ChatTemplate, resolve_template
@@ -83,13 +84,7 @@ def build(
     """One pass over `path`: read, validate, render, tokenize and apply the over-length policy."""
     records = list(read_records(path))
     fmt = resolve_format(cfg.format, records, path)
-    if fmt not in formats:
-        accepted = ", ".join(formats)
-        raise DataError(
-            f"{path}: dataset format {fmt!r} is not accepted by this objective (accepted: {accepted})",
-            fix="use a dataset in an accepted format, or an objective that takes this one (set data.format if "
-            "auto-detection guessed wrong)",
-        )
+    _check_format(path, fmt, formats)
     out = Built(path, fmt, n_records=len(records))
     spec = FORMATS[fmt]
     if spec.no_packing and cfg.packing and tokenizer is not None:
@@ -101,6 +96,40 @@ def build(
     ctx = EncodeContext(tokenizer, template, mask_prompt, out.labels)
     for where, record in records:
         _one(out, where, record, cfg, ctx)
+    return out
+
+
+def _check_format(path: str, fmt: str, formats: Iterable[str]) -> None:
+    if fmt not in formats:
+        accepted = ", ".join(formats)
+        raise DataError(
+            f"{path}: dataset format {fmt!r} is not accepted by this objective (accepted: {accepted})",
+            fix="use a dataset in an accepted format, or an objective that takes this one (set data.format if "
+            "auto-detection guessed wrong)",
+        )
+
+
+def cached_build(
+    path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, formats: Iterable[str], log: Log,
+    labels: Sequence[str] | None = None,
+) -> Built:
+    """`build`, through the cache of tokenized data (data/cache.py): a second pass over the same bytes with
+    the same settings and tokenizer reads the stored result and says again what the first pass said."""
+    train = split_path(cfg, "train") if cfg.train is not None else None
+    key = cache.cache_key(path, cfg, tokenizer, mask_prompt, labels, train)
+    hit = cache.load(key) if key is not None else None
+    if hit is not None:
+        examples, meta = hit
+        _check_format(path, meta["fmt"], formats)  # what the objective accepts is not part of the entry
+        for line in meta["said"]:
+            log(line)
+        kept = {f.name: meta[f.name] for f in fields(Built) if f.name not in ("path", "kept", "bad")}
+        return Built(path, **kept, kept=examples, bad=[(w, k, r) for w, k, r in meta["bad"]])
+    say, said = cache.recorder(log)
+    out = build(path, cfg, tokenizer, mask_prompt, formats, say, labels)
+    if key is not None:
+        meta = {f.name: getattr(out, f.name) for f in fields(Built) if f.name not in ("path", "kept")}
+        cache.store(key, out.kept, {**meta, "said": said})
     return out
 
 
@@ -277,7 +306,7 @@ def load_tokenized(
     `cfg.on_error`), a format outside `formats`, or nothing left to train on.
     """
     path = split_path(cfg, split)
-    out = build(path, cfg, tokenizer, mask_prompt, formats, log, labels)
+    out = cached_build(path, cfg, tokenizer, mask_prompt, formats, log, labels)
     enforce(out, cfg, log)
     if not out.kept:
         raise DataError(

@@ -11,7 +11,7 @@ from typing import Any
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMATS
-from tunelab.data.pipeline import Built, build, lost_share, truncation_problem
+from tunelab.data.pipeline import Built, cached_build, lost_share, truncation_problem
 from tunelab.data.sources import resolve_source
 from tunelab.data.types import IGNORE, Example
 
@@ -24,7 +24,7 @@ def check_report(cfg: DataConfig, tokenizer: Any, mask_prompt: bool) -> dict[str
     for split, path in (("train", cfg.train), ("eval", cfg.eval)):
         if path is None:
             continue
-        out = build(resolve_source(path), cfg, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
+        out = cached_build(resolve_source(path), cfg, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
         report[split] = _split_report(out, cfg)
         if split == "train":
             report[split]["example"] = _example_view(out.kept[0], tokenizer) if out.kept else None
