@@ -52,8 +52,9 @@ t1 = time.perf_counter()
 data = load_tokenized(DataConfig(train=sys.argv[1], max_length=512), "train", tok, mask_prompt=True,
                       log=lambda _: None)
 t2 = time.perf_counter()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": t2 - t1, "startup": t1 - t0, "examples": len(data.examples),
-                  "tokens": data.stats["n_tokens"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "tokens": data.stats["n_tokens"], "peak_rss_mb": rss}))
 """
 
 BASELINE = """
