@@ -160,6 +160,7 @@ COMMANDS: dict[str, str] = {
     "tunelab eval runs/head-sentiment --task tinyworld:sentiment@test --json": RUN,
     "tunelab eval tunelab-tiny --task tinyworld:sentiment@test --json": RUN,
     "tunelab train configs/krona.yaml": RUN,
+    "tunelab export runs/dylora --out runs/dylora-r4-merged --merge --rank 4": RUN,
     "tunelab export runs/krona --out runs/krona-merged --merge": RUN,
     "tunelab train configs/dylora.yaml": RUN,
     "tunelab train configs/dylora.yaml method.eval_rank=4 output.dir=runs/dylora-r4": RUN,

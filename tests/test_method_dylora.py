@@ -185,3 +185,42 @@ def test_resumed_run_draws_the_same_ranks(llama_dir, chat_data, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+
+
+def test_export_at_another_rank_merged_and_as_a_delta(llama_dir, chat_data, tmp_path, capsys):
+    """`tunelab export RUN --rank k`: merged, the weights are the base's plus (alpha / k) B[:, :k] A[:k]
+    (as set_rank + merge in Python); as a delta, it loads at rank k. A rank outside 1..r, or a run of
+    another method, is refused in one line."""
+    from tests.test_cli import cli
+    from tunelab.artifacts import load
+
+    run = tmp_path / "run"
+    tunelab.train({"model": {"name_or_path": str(llama_dir)}, "data": {"train": str(chat_data[0]), "max_length": 64},
+                   "method": {"name": "dylora", "r": 8, "alpha": 16},
+                   "train": {"max_steps": 3, "batch_size": 4, "lr": 5e-2, "tensorboard": False, "precision": "fp32"},
+                   "output": {"dir": str(run)}}, quiet=True)
+    want, _ = load(run)
+    set_rank(want, 3)
+    want = METHODS["dylora"].merge(want, None).state_dict()
+    at8, _ = load(run)
+    at8 = METHODS["dylora"].merge(at8, None).state_dict()
+    assert any(not torch.equal(want[k], at8[k]) for k in want)  # rank 3 is not rank 8
+
+    assert cli(capsys, "export", str(run), "--out", str(tmp_path / "m3"), "--merge", "--rank", "3")[0] == 0
+    got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m3")).state_dict()
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+
+    assert cli(capsys, "export", str(run), "--out", str(tmp_path / "d3"), "--rank", "3")[0] == 0
+    delta, _ = load(tmp_path / "d3")
+    assert rank_state(delta).eval_rank == 3 and rank_state(delta).r == 8
+
+    code, _, err = cli(capsys, "export", str(run), "--out", str(tmp_path / "x"), "--rank", "9")
+    assert code == 2 and "--rank 9: outside 1..8" in err and not (tmp_path / "x").exists()
+    lora = tmp_path / "lora"
+    tunelab.train({"model": {"name_or_path": str(llama_dir)}, "data": {"train": str(chat_data[0]), "max_length": 64},
+                   "method": {"name": "lora", "r": 4},
+                   "train": {"max_steps": 1, "batch_size": 4, "tensorboard": False, "precision": "fp32"},
+                   "output": {"dir": str(lora)}}, quiet=True)
+    code, _, err = cli(capsys, "export", str(lora), "--out", str(tmp_path / "y"), "--rank", "2")
+    assert code == 2 and "only a DyLoRA run can be exported at another rank" in err

@@ -163,13 +163,15 @@ def export(
                                "its files (none is deleted or replaced)"),
     trust_remote_code: bool = TRUST_CODE,
     allow_pickle: bool = ALLOW_PICKLE,
+    rank: int | None = typer.Option(None, "--rank", min=1, help="a DyLoRA run at rank k (1..r): merged at k, or "
+                                    "a delta that loads at k"),
 ) -> None:
     """Export a trained model: its adapter, or merged into the base. A previous export in --out is
     replaced; a folder with other files is refused (see --force)."""
     from tunelab import api
 
     typer.echo(str(api.export(run, out, merge=merge, force=force, trust_remote_code=trust_remote_code,
-                              allow_pickle=allow_pickle)))
+                              allow_pickle=allow_pickle, rank=rank)))
 
 
 @data_app.command("check")

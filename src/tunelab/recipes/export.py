@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from peft import PeftModel
 
 from tunelab import owned
-from tunelab.artifacts import is_delta, load, load_delta_config
+from tunelab.artifacts import METHOD_FILE, is_delta, load, load_delta_config
 from tunelab.errors import TunelabError
 from tunelab.methods import METHODS
+from tunelab.methods.dylora import set_rank
 from tunelab.modeling.load import check_weight_files
 
 
 def export(
     run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False, trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, rank: int | None = None,
 ) -> Path:
     """Write a run's final model to `out`: as it is (adapter, delta or full model), or with
-    `merge` folded into the base weights as a plain transformers model.
+    `merge` folded into the base weights as a plain transformers model. `rank`: a DyLoRA run at
+    rank k (1 <= k <= r): merged with B[:, :k] A[:k], or as a delta that loads at rank k.
 
     Written beside `out` and renamed into place (owned.install): a previous export there is
     replaced, a folder tunelab did not write is refused (with `force`: written beside its files)."""
@@ -27,22 +30,41 @@ def export(
     out = Path(out)
     owned.preflight(out, "export", what="--out", force=force)
     check_weight_files(src)
+    if rank is not None:
+        _check_rank(src, rank)
     tmp = owned.staging(out)
     try:
         if merge:
-            _save_merged(run, src, tmp, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            _save_merged(run, src, tmp, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, rank=rank)
         else:
             shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
+            if rank is not None:  # the delta keeps every factor; it loads (and merges) at this rank
+                meta = json.loads((tmp / METHOD_FILE).read_text(encoding="utf-8"))
+                meta["method"]["eval_rank"] = rank
+                (tmp / METHOD_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     except BaseException:
         owned.remove(tmp)
         raise
     return owned.install(tmp, out, "export", what="--out", force=force)
 
 
+def _check_rank(src: Path, rank: int) -> None:
+    cfg = load_delta_config(src) if is_delta(src) else None
+    if cfg is None or cfg.name != "dylora":
+        raise TunelabError(f"--rank {rank}: only a DyLoRA run can be exported at another rank (this one is "
+                           f"{cfg.name if cfg is not None else 'not a tunelab delta'})", fix="drop --rank")
+    if not 1 <= rank <= cfg.r:
+        raise TunelabError(f"--rank {rank}: outside 1..{cfg.r}, the ranks this DyLoRA run was trained for",
+                           fix=f"pick a rank in 1..{cfg.r}")
+
+
 def _save_merged(
     run: str | Path, src: Path, out: Path, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+    rank: int | None = None,
 ) -> None:
     model, tok = load(run, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if rank is not None:
+        set_rank(model, rank)
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     elif is_delta(src):
