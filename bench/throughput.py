@@ -1,6 +1,13 @@
 """Training throughput: tunelab's loop vs a plain PyTorch + peft loop, and packed vs padded.
 
     python bench/throughput.py [--steps 30] [--out docs/results/throughput.json]
+    python bench/throughput.py --device cuda --shape 0.5b --precision bf16 --max-length 1024 \
+        --out docs/results/throughput-gpu.json          # on a CUDA GPU
+
+`--shape tiny` (default): Llama 256 x 4 layers, the size of tunelab-tiny; `--shape 0.5b`: hidden
+1536 x 16 layers, MLP 4096, vocabulary 32,000 (0.48B parameters; a GPU size). On CUDA both loops
+run on the GPU (tunelab's through accelerate, as `tunelab train` does) and the plain loop waits for
+the GPU at the end of every step, as tunelab's does when it reads the gradient norm.
 
 1. Same model (Llama 256 x 4 layers, the size of tunelab-tiny), same LoRA, same tokenized data in
    the same order, same batch, seed and precision: tokens/s of tunelab's loop (everything it does
@@ -28,12 +35,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tunelab import api
 from tunelab.config import DataConfig
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.stream import epoch_rows
 from tunelab.modeling.bpe import train_bpe
 from tunelab.modeling.load import ModelConfig, load_tokenizer
+from tunelab.recipes.run import train
 
 WORDS = "the a river stone cloud lamp chair road seed boat bell door kite red blue green amber violet".split()
 WARMUP = 3
@@ -50,23 +57,32 @@ def make_data(path: Path, n: int, seed: int, sigma: float) -> None:
                                              {"role": "assistant", "content": reply}]}) + "\n")
 
 
-def make_model(root: Path, data: Path) -> Path:
+SHAPES = {
+    "tiny": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4},
+    "0.5b": {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 16, "num_attention_heads": 16,
+             "num_key_value_heads": 4, "vocab_size": 32000},
+}
+
+
+def make_model(root: Path, data: Path, shape: str = "tiny", max_length: int = 512) -> Path:
     texts = [json.loads(line)["messages"][1]["content"] for line in data.read_text().splitlines()[:500]]
     tok = train_bpe(texts, vocab_size=1024)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    dims = {"vocab_size": len(tok), **SHAPES[shape]}  # a larger vocabulary than the tokenizer's: rows unused
+    cfg = LlamaConfig(**dims, max_position_embeddings=max(512, max_length), tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     out = root / "model"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
 
 
-def run_cfg(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool, precision: str) -> dict:
+def run_cfg(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool, precision: str,
+            max_length: int = 256) -> dict:
     return {
         "model": {"name_or_path": str(model)},
-        "data": {"train": str(data), "max_length": 256, "packing": packing},
+        "data": {"train": str(data), "max_length": max_length, "packing": packing},
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "objective": {"name": "sft"},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "precision": precision,
@@ -76,7 +92,7 @@ def run_cfg(model: Path, data: Path, out: Path, steps: int, batch: int, packing:
 
 
 def tunelab_rate(cfg: dict) -> dict[str, float]:
-    result = api.train(cfg, quiet=True, overwrite=True)
+    result = train(cfg, quiet=True, overwrite=True)
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "elapsed" in r]
     timed = rows[WARMUP:]
@@ -85,17 +101,18 @@ def tunelab_rate(cfg: dict) -> dict[str, float]:
             "useful_tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "steps": len(timed)}
 
 
-def plain_rate(cfg: dict) -> dict[str, float]:
+def plain_rate(cfg: dict, device: str = "cpu") -> dict[str, float]:
     """The baseline: transformers + peft, a hand-written loop over the same batches."""
     torch.manual_seed(0)
     mcfg = ModelConfig(name_or_path=cfg["model"]["name_or_path"])
     tok = load_tokenizer(mcfg)
     examples = load_tokenized(DataConfig(**cfg["data"]), "train", tok, mask_prompt=True, log=lambda s: None).examples
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"]["name_or_path"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"]["name_or_path"]).to(device)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules="all-linear"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    order = [row[0] for row in epoch_rows([len(e.input_ids) for e in examples], 0, 0, False, 256)]
+    order = [row[0] for row in epoch_rows([len(e.input_ids) for e in examples], 0, 0, False,
+                                          cfg["data"]["max_length"])]
     bs, steps = cfg["train"]["batch_size"], cfg["train"]["max_steps"]
     use_bf16 = cfg["train"]["precision"] == "bf16"
     model.train()
@@ -109,12 +126,15 @@ def plain_rate(cfg: dict) -> dict[str, float]:
                                                  padding_value=-100)
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in chunk],
                                                batch_first=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         tokens.append(ids.numel())
     seconds = sum(times[WARMUP:])
@@ -126,6 +146,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--out", default="docs/results/throughput.json")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -133,15 +156,17 @@ def main() -> None:
         root = Path(tmp)
         data = root / "data.jsonl"
         make_data(data, 2000, seed=0, sigma=0.9)
-        model = make_model(root, data)
-        loop_cfg = run_cfg(model, data, root / "run", args.steps, args.batch, False, args.precision)
+        model = make_model(root, data, args.shape, args.max_length)
+        ml = args.max_length
+        loop_cfg = run_cfg(model, data, root / "run", args.steps, args.batch, False, args.precision, ml)
         # interleave the two, twice, so drift of the machine hits both alike; keep the best of each
         ours = max((tunelab_rate(loop_cfg) for _ in range(2)), key=lambda r: r["tokens_per_s"])
-        plain = max((plain_rate(loop_cfg) for _ in range(2)), key=lambda r: r["tokens_per_s"])
-        padded = tunelab_rate(run_cfg(model, data, root / "pad", args.steps, args.batch, False, args.precision))
-        packed = tunelab_rate(run_cfg(model, data, root / "pack", args.steps, args.batch, True, args.precision))
+        plain = max((plain_rate(loop_cfg, args.device) for _ in range(2)), key=lambda r: r["tokens_per_s"])
+        padded = tunelab_rate(run_cfg(model, data, root / "pad", args.steps, args.batch, False, args.precision, ml))
+        packed = tunelab_rate(run_cfg(model, data, root / "pack", args.steps, args.batch, True, args.precision, ml))
     result = {
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
+                    f"{platform.machine()} {torch.get_num_threads()} threads") + f", torch {torch.__version__}",
         "command": "python " + " ".join(sys.argv),
         "loop_vs_plain": {"tunelab_tokens_per_s": ours["tokens_per_s"], "plain_tokens_per_s": plain["tokens_per_s"],
                           "ratio": ours["tokens_per_s"] / plain["tokens_per_s"], "target": 0.97},

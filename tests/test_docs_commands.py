@@ -89,7 +89,8 @@ COMMANDS: dict[str, str] = {
     "python bench/throughput.py": BENCH,
     "python bench/methods.py": BENCH,
     "python bench/alignment.py": BENCH,
-    "python bench/tune_skills.py --trials 30": BENCH,
+    "python bench/tune_task.py --task skills --trials 30": BENCH,
+    "python bench/tune_task.py --task new-facts --trials 30 --steps 150 --batch-size 32 --eval-every 25": BENCH,
     # docs/advise.md
     "tunelab advise --model tunelab-tiny --method lora r=16 --seq 128 --batch 32 --memory 1GiB": RUN,
     "python -c \"from transformers import LlamaConfig as C; C(hidden_size=4096, intermediate_size=11008, "

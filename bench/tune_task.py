@@ -1,8 +1,13 @@
-"""`tunelab tune` on a TinyWorld task with room above the default: the table of docs/results/tune.md.
+"""`tunelab tune` on a TinyWorld task with room above the default: the tables of docs/results/tune.md.
 
-    python bench/tune_skills.py [--trials 30] [--steps 60] [--batch-size 16] [--out runs/bench-tune]
+    python bench/tune_task.py --task skills [--trials 30] [--steps 60] [--batch-size 16]
+    python bench/tune_task.py --task new-facts [--trials 30] [--steps 150] [--batch-size 32] [--eval-every 25]
 
-TinyWorld's `skills` task (arithmetic, reversal, sorting, lookup, counting as chat questions) has a
+`--task new-facts` (knowledge injection): trains on `tinyworld:new-facts`, chooses by exact match on
+its `validation` split (a fifth of the train people, asked in wordings train never uses) with the
+median pruner on the validation loss, and tests the config's own values and the best trial once, on
+`@paraphrases` (the other four fifths). `--task skills`: TinyWorld's `skills` task (arithmetic,
+reversal, sorting, lookup, counting as chat questions) has a
 train and a test split; the search needs a validation split, so every 10th training record (by a
 hash of its question) is held out as `validation.jsonl` and the rest is trained on. The base config
 is the shipped `sft-lora` (LoRA r16 alpha 32 all-linear, lr 1e-3, 60 steps, warmup 6) on that data,
@@ -48,20 +53,27 @@ def split_validation(out: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", choices=("skills", "new-facts"), default="skills")
     ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--out", default="runs/bench-tune")
-    ap.add_argument("--json", default="docs/results/tune.json")
+    ap.add_argument("--out", default=None, help="default: runs/bench-tune-<task>")
+    ap.add_argument("--json", default=None, help="default: docs/results/tune-<task>.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=10)
     args = ap.parse_args()
-    out = Path(args.out)
-    train, val = split_validation(out / "data")
+    out = Path(args.out or f"runs/bench-tune-{args.task}")
+    json_path = Path(args.json or f"docs/results/tune-{args.task}.json")
+    if args.task == "skills":
+        train, val = split_validation(out / "data")
+        metric, test_task = f"{val}:exact_match", "tinyworld:skills@test"
+    else:
+        train, val = "tinyworld:new-facts", "tinyworld:new-facts@validation"
+        metric, test_task = f"{val}:exact_match", "tinyworld:new-facts@paraphrases"
     cmd = ["tunelab", "tune", "sft-lora", f"data.train={train}", f"data.eval={val}", f"train.max_steps={args.steps}",
            f"train.batch_size={args.batch_size}", f"train.warmup={max(1, args.steps // 10)}",
            f"train.eval_every={args.eval_every}", "--space", "tune-lora", "--trials", str(args.trials),
-           "--out", str(out / "study"), "--metric", f"{val}:exact_match", "--seed", str(args.seed)]
+           "--out", str(out / "study"), "--metric", metric, "--seed", str(args.seed)]
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tunelab", *cmd[1:]], check=True,
@@ -84,7 +96,7 @@ def main() -> None:
     for name, t in (("the config's own values", own), ("best of the search", best)):
         run = out / "study" / "trials" / f"trial-{t.number:04d}"
         loss = json.loads((run / "summary.json").read_text())["eval_loss"]
-        test = evaluate_task(run, "tinyworld:skills@test")["exact_match"]  # test: once, after the search
+        test = evaluate_task(run, test_task)["exact_match"]  # test: once, after the search
         rows[name] = {"trial": t.number, "params": t.params, "validation_loss": loss, "validation": t.value,
                       "test": test}
     states = {s.name.lower(): sum(t.state == s for t in st.trials) for s in optuna.trial.TrialState}
@@ -92,9 +104,10 @@ def main() -> None:
               "eval_seconds": round(time.perf_counter() - t1, 1), "trials": {k: v for k, v in states.items()
               if v}, "rows": rows, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "python": platform.python_version()}
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    result["task"], result["test"] = args.task, test_task
+    json_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"\nwall time {wall / 60:.1f} min; trials {result['trials']}\n")
-    print("| model | trial | validation loss | validation exact match | skills@test exact match |")
+    print(f"| model | trial | validation loss | validation exact match | {test_task} exact match |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['trial']} | {r['validation_loss']:.4f} | {r['validation']:.3f} | {r['test']:.3f} |")
