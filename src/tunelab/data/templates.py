@@ -193,7 +193,8 @@ def assistant_spans(tokenizer: Any, template: ChatTemplate, messages: list[dict[
         if message["role"] != "assistant":
             continue
         start = len(_prefix(tokenizer, template, messages[:k], True, full))
-        end = len(_prefix(tokenizer, template, messages[: k + 1], False, full))
+        # the chat up to this turn is the whole chat when the turn is the last (rendering it again is the same)
+        end = len(full) if k + 1 == len(messages) else len(_prefix(tokenizer, template, messages[: k + 1], False, full))
         if end <= start:
             raise _unstable(template)
         spans.append((start, end, message["content"]))
