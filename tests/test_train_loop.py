@@ -179,6 +179,35 @@ def test_select_best_keeps_the_weights_of_the_lowest_eval_loss(llama_dir, chat_d
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval_loss"] == pytest.approx(evals[best_step])
 
 
+def test_a_resumed_run_keeps_the_best_eval_of_before_the_stop(llama_dir, chat_data, tmp_path, monkeypatch):
+    """select_best across a resume: the best eval (step 2 here, scripted) was before the stop at step 3;
+    the checkpoint keeps its weights (best.safetensors), so the resumed run's final model is step 2's,
+    as an uninterrupted run's is."""
+    from tunelab.training.loop import BEST_FILE, Loop
+
+    scripted = {2: 1.0, 4: 2.0, 6: 3.0}
+    real = Loop.evaluate
+
+    def evaluate(self):
+        out = real(self)
+        return {**out, "eval_loss": scripted[self.step]} if out else out
+
+    monkeypatch.setattr(Loop, "evaluate", evaluate)
+
+    def cfg(name: str, steps: int) -> dict:
+        return run_cfg(llama_dir, chat_data, tmp_path / name, max_steps=steps, eval_every=2, save_every=1, lr=3e-2,
+                       select_best=True, scheduler="constant")
+
+    straight = tunelab.train(cfg("straight", 6), quiet=True)
+    scripted[3] = 9.0  # the first part ends at step 3 (its final eval); the whole run never evaluates there
+    tunelab.train(cfg("resumed", 3), quiet=True)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-3" / BEST_FILE).is_file()
+    resumed = tunelab.train(cfg("resumed", 6), quiet=True, resume=True, allow_changed=True)
+    assert straight.metrics["best_step"] == resumed.metrics["best_step"] == 2
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_select_best_needs_eval_data(llama_dir, chat_data, tmp_path):
     cfg = run_cfg(llama_dir, chat_data, tmp_path / "run", max_steps=2, select_best=True)
     cfg["data"].pop("eval")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.data.stream import BatchStream, MicroBatch
@@ -41,6 +42,8 @@ def _digest(group: list[MicroBatch]) -> str:
     """Short id of the samples in a step: lets a resumed run prove it saw the same order."""
     return hashlib.sha1("|".join(w for mb in group for w in mb.where).encode()).hexdigest()[:12]
 
+
+BEST_FILE = "best.safetensors"  # select_best: the best eval's trained weights, in each checkpoint
 
 @dataclass
 class TrainResult:
@@ -141,6 +144,8 @@ class Loop:
             "tokens_seen": self.tokens_seen, "skipped_steps": self.guard.skipped,
             "config_digest": self.cfg.digest(), "data_fingerprint": self.data_fingerprint,
             "objective_state": self.runtime.state_dict(),
+            # select_best: the best eval so far (its weights are best.safetensors beside): a resumed run keeps it
+            "best": None if self.best is None else {"loss": self.best[0], "step": self.best[1], "evals": self.best[2]},
         }
 
     def save(self) -> Path | None:
@@ -150,11 +155,16 @@ class Loop:
         model = self.accelerator.unwrap_model(self.model)
         path = checkpoint.commit(
             self.ckpt_root, self.step,
-            lambda d: save_training_state(d, self.method.state(model), self.opt, self.sched, self.meta()),
+            lambda d: self._write_state(d, model),
             self.cfg.train.keep_last,
         )
         self._emit("checkpoint", checkpoint=path)
         return path
+
+    def _write_state(self, d: Path, model: nn.Module) -> None:
+        save_training_state(d, self.method.state(model), self.opt, self.sched, self.meta())
+        if self.best is not None:
+            save_file(self.best[3], str(d / BEST_FILE))
 
     def _emit(self, kind: Kind, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
         if self.on_event is not None and self.accelerator.is_main_process:
@@ -168,6 +178,9 @@ class Loop:
         self.guard.skipped = meta["skipped_steps"]
         self.stream.restore(meta["data_cursor"])
         self.runtime.load_state_dict(meta.get("objective_state", {}))
+        best = meta.get("best")
+        if best is not None and (ckpt / BEST_FILE).is_file():
+            self.best = (best["loss"], best["step"], best["evals"], load_file(str(ckpt / BEST_FILE)))
 
     # ------------------------------------------------------------------ steps
 
@@ -303,7 +316,8 @@ class Loop:
         self.best = (loss, self.step, evals, {k: v.detach().to("cpu", copy=True) for k, v in state.items()})
 
     def _restore_best(self, final: dict[str, float]) -> dict[str, float]:
-        """Put the best eval's weights back (the checkpoints keep the last step's, for --resume)."""
+        """Put the best eval's weights back (the checkpoints keep the last step's, for --resume, and
+        the best so far in best.safetensors)."""
         if self.best is None or ("eval_loss" in final and final["eval_loss"] < self.best[0]):
             self.reporter.say(f"select_best: the final step {self.step} has the lowest eval loss")
             return {**final, "best_step": float(self.step)}
