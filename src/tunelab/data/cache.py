@@ -22,6 +22,7 @@ and renamed into place, so a reader never sees half of one; a damaged entry is i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -59,19 +60,14 @@ def _hash_source(h: Any, source: str) -> None:
         _hash_file(h, f)
 
 
-_code_digest: str | None = None
-
-
+@functools.cache
 def _code() -> str:
-    """sha256 of tunelab's data code (this package's .py files)."""
-    global _code_digest
-    if _code_digest is None:
-        h = hashlib.sha256()
-        for f in sorted(_CODE_DIR.rglob("*.py")):
-            h.update(str(f.relative_to(_CODE_DIR)).encode())
-            _hash_file(h, f)
-        _code_digest = h.hexdigest()
-    return _code_digest
+    """sha256 of tunelab's data code (this package's .py files), once per process."""
+    h = hashlib.sha256()
+    for f in sorted(_CODE_DIR.rglob("*.py")):
+        h.update(str(f.relative_to(_CODE_DIR)).encode())
+        _hash_file(h, f)
+    return h.hexdigest()
 
 
 def tokenizer_state(tokenizer: Any) -> str | None:
