@@ -221,6 +221,77 @@ def world_build_base(
     _print_json(build_base(out, recipe, steps=steps, resume=resume))
 
 
+rag_app = typer.Typer(no_args_is_help=True, help="Retrieval (RAG): index documents, query the index.")
+app.add_typer(rag_app, name="rag")
+
+
+@rag_app.command("index")
+def rag_index(
+    docs: list[str] = typer.Option(..., "--docs", help=".txt/.md/.jsonl file or folder (repeatable)"),
+    out: str = typer.Option(..., "--out", help="index folder (an index tunelab built there is replaced)"),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="model whose tokenizer measures chunks "
+                                         "(default tunelab-tiny; with --add: the index's)"),
+    size: int | None = typer.Option(None, "--size", min=1, help="tokens per chunk (default 128)"),
+    overlap: int | None = typer.Option(None, "--overlap", min=0, help="tokens consecutive chunks share (default 16)"),
+    dense: bool = typer.Option(False, "--dense", help="also embed the chunks, for --retriever dense / hybrid"),
+    encoder: str | None = typer.Option(None, "--encoder", help="with --dense: model folder, hub id, or base (the "
+                                       "tokenizer's model, the default)"),
+    dense_index: str = typer.Option("auto", "--dense-index", help="exact, hnsw, or auto (exact below 100k chunks)"),
+    per_line: bool = typer.Option(False, "--per-line", help="each non-blank line of a .txt file is a document"),
+    add: bool = typer.Option(False, "--add", help="add the documents to the index at --out"),
+    as_json: bool = typer.Option(False, "--json"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
+) -> None:
+    """Chunk documents and write a retrieval index (BM25; with --dense also vectors)."""
+    from tunelab import api
+
+    st = api.rag_index(docs, out, tokenizer=tokenizer, size=size, overlap=overlap, dense=dense, encoder=encoder,
+                       per_line=per_line, add=add, dense_index=dense_index, trust_remote_code=trust_remote_code,
+                       allow_pickle=allow_pickle, log=lambda line: typer.echo(line, err=True))
+    if as_json:
+        _print_json(st)
+        return
+    typer.echo(f"{st['index']}: {st['chunks']} chunks ({st['new_chunks']} new, {st['duplicates_dropped']} duplicates "
+               f"dropped) from {st['documents']} documents, retrievers {', '.join(st['retrievers'])}, "
+               f"{st['seconds']:.1f} s")
+
+
+@rag_app.command("query")
+def rag_query(
+    index: str = typer.Argument(..., help="index folder (tunelab rag index)"),
+    question: str = typer.Argument(...),
+    k: int = typer.Option(5, "--k", min=1, help="chunks to return"),
+    retriever: str = typer.Option("bm25", "--retriever", help="bm25, dense or hybrid (RRF of both)"),
+    encoder: str | None = typer.Option(None, "--encoder", help="dense/hybrid: default the index's own"),
+    as_json: bool = typer.Option(False, "--json"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
+) -> None:
+    """The chunks of an index that best match a question, best first."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab import api
+
+    hits = api.rag_query(index, question, k=k, retriever=retriever, encoder=encoder,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if as_json:
+        _print_json([asdict(h) for h in hits])
+        return
+    table = Table("rank", "score", "id")
+    table.add_column("source", overflow="ellipsis", max_width=32)
+    table.add_column("text", ratio=1)
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.4f}", h.id, h.source, h.text)
+    if hits:
+        Console().print(table)
+    else:
+        typer.echo("no match")
+
+
 @app.command()
 def methods(
     model: str = typer.Option(None, "--model", help="model dir or hub id: count parameters on its config"),
