@@ -23,6 +23,27 @@ OVERRIDES = typer.Argument(None, help="overrides as section.key=value, e.g. trai
 # artifact's settings never grant them; artifacts.untrusted).
 TRUST_CODE = typer.Option(False, "--trust-remote-code", help="let the model folder's own Python code run (auto_map)")
 ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="load .bin/.pt weights (unpickling can run code)")
+# In-context learning and RAG (docs/nonparametric.md); more of their settings: `--icl key=value`.
+ICL_K = typer.Option(0, "--icl-k", min=0, help="in-context learning: solved examples (shots) before each question")
+ICL_SET = typer.Option(None, "--icl", help="an ICL setting, key=value (select=similar, pool=FILE, order=best_first, "
+                       "format=text, max_length=N, seed=N); repeatable")
+RAG_INDEX = typer.Option(None, "--rag", help="RAG: retrieve passages from this index (tunelab rag index)")
+RAG_SET = typer.Option(None, "--rag-set", help="a RAG setting, key=value (k=5, retriever=hybrid, encoder=M, "
+                       "template=..., max_length=N); repeatable")
+
+
+def _techniques(icl_k: int, icl: list[str] | None, rag: str | None, rag_set: list[str] | None) -> dict[str, Any]:
+    """The `icl` / `rag` keyword arguments of api.evaluate and api.generate from their options."""
+    def pairs(items: list[str] | None, option: str) -> dict[str, str]:
+        bad = [x for x in items or [] if "=" not in x]
+        if bad:
+            raise typer.BadParameter(f"{bad[0]!r}: write key=value", param_hint=option)
+        return dict(x.split("=", 1) for x in items or [])
+    icl_cfg = {**pairs(icl, "--icl"), **({"k": icl_k} if icl_k else {})}
+    rag_cfg = {**pairs(rag_set, "--rag-set"), **({"index": rag} if rag else {})}
+    if rag_cfg and "index" not in rag_cfg:
+        raise typer.BadParameter("RAG settings need an index", param_hint="--rag")
+    return {"icl": icl_cfg or None, "rag": rag_cfg or None}
 
 
 def _quick_check(config: str, overrides: list[str]) -> None:
@@ -89,16 +110,21 @@ def eval_(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="default: 8 for --data, 32 for tasks"),
     all_tokens: bool = typer.Option(False, "--all-tokens", help="score prompts too, not only assistant turns"),
     as_json: bool = typer.Option(False, "--json"),
+    icl_k: int = ICL_K,
+    icl: list[str] = ICL_SET,
+    rag: str | None = RAG_INDEX,
+    rag_set: list[str] = RAG_SET,
     trust_remote_code: bool = TRUST_CODE,
     allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
-    """Evaluate a model: task metrics (--task), the forgetting probe (--forgetting), loss and perplexity (--data)."""
+    """Evaluate a model: task metrics (--task), the forgetting probe (--forgetting), loss and perplexity (--data).
+    Tasks may be answered with in-context shots (--icl-k) or retrieved passages (--rag)."""
     from tunelab import api
 
     tasks = tasks or []
     m = api.evaluate(model, data, fmt=fmt, max_length=max_length, batch_size=batch_size, all_tokens=all_tokens,
                      tasks=tasks, forgetting=forgetting, base=base, limit=limit, trust_remote_code=trust_remote_code,
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, **_techniques(icl_k, icl, rag, rag_set))
     if as_json:
         _print_json(m)
     elif not tasks and not forgetting:
@@ -119,14 +145,20 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
     no_chat: bool = typer.Option(False, "--no-chat", help="continue the raw prompt, no chat template"),
+    icl_k: int = ICL_K,
+    icl: list[str] = ICL_SET,
+    rag: str | None = RAG_INDEX,
+    rag_set: list[str] = RAG_SET,
     trust_remote_code: bool = TRUST_CODE,
     allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
-    """Generate a reply (greedy by default)."""
+    """Generate a reply (greedy by default), optionally after in-context shots (--icl-k, --icl pool=FILE) or
+    retrieved passages (--rag INDEX)."""
     from tunelab import api
 
     typer.echo(api.generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                            chat=not no_chat, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle))
+                            chat=not no_chat, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                            **_techniques(icl_k, icl, rag, rag_set)))
 
 
 @app.command()

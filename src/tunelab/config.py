@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunelab.errors import ConfigError
 
@@ -64,6 +64,65 @@ class DataConfig(Section):
     )
     cache: bool = Field(True, description="keep the tokenized data in $TUNELAB_CACHE/data, keyed by the files' "
                         "bytes, these settings and the tokenizer: a second run on the same data skips tokenizing")
+
+
+class ICLConfig(Section):
+    """In-context learning (N01): k solved examples ("shots") put before each question at evaluation
+    and generation; nothing trains. Off while k is 0."""
+
+    k: int = Field(0, ge=0, le=256, description="shots per question (0: off)")
+    select: Literal["random", "fixed", "similar"] = Field(
+        "random", description="random: k drawn per question; fixed: the same k for every question; similar: "
+        "the k whose questions are nearest by BM25")
+    pool: str | None = Field(None, description="the solved examples shots come from (a dataset file or tinyworld "
+                             "task); default: the evaluated task's train split")
+    order: Literal["best_last", "best_first", "random"] = Field(
+        "best_last", description="where the most relevant shot stands: next to the question (best_last) or first")
+    format: Literal["turns", "text"] = Field(
+        "turns", description="turns: each shot a user/assistant exchange before the question; text: all shots "
+        "and the question in one user message")
+    max_length: int | None = Field(None, gt=1, le=10**7, description="the prompt's token budget (default: the "
+                                   "model's context minus the reply); whole shots are dropped to fit, never the "
+                                   "question")
+    seed: int = 0
+
+
+class RAGConfig(Section):
+    """Retrieval-augmented generation (N02): passages retrieved from an index (`tunelab rag index`) put
+    before each question at evaluation and generation. Off while index is unset."""
+
+    index: str | None = Field(None, description="an index folder written by `tunelab rag index`")
+    k: int = Field(3, ge=1, le=1000, description="passages per question")
+    retriever: Literal["bm25", "dense", "hybrid"] = "bm25"
+    encoder: str | None = Field(None, description="dense/hybrid: the encoder the index was built with "
+                                "(default: the index's own)")
+    max_length: int | None = Field(None, gt=1, le=10**7, description="the prompt's token budget (default: the "
+                                   "model's context minus the reply); the lowest-ranked passages are dropped "
+                                   "to fit, never the question")
+    train: bool = Field(False, description="also put retrieved passages into the training prompts (a generator "
+                        "that learns to use them: RAG + fine-tuning)")
+    template: str = Field(
+        "{passages}\n\n{question}", description="the question's user turn: {passages} (one `[n] text` line per "
+        "passage, best first) and {question}")
+
+    @model_validator(mode="after")
+    def _train_needs_index(self) -> RAGConfig:
+        if self.train and self.index is None:
+            raise ValueError("rag.train puts retrieved passages into training prompts: set rag.index too")
+        return self
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        missing = [p for p in ("{passages}", "{question}") if p not in v]
+        if missing:
+            raise ValueError(f"the template must contain {' and '.join(missing)}")
+        try:
+            v.format(passages="", question="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{passages}} and {{question}} may be placeholders (write {{{{ for a brace): "
+                             f"{e}") from None
+        return v
 
 
 class MethodConfig(Section):
@@ -268,6 +327,8 @@ class _Sections(Section):
     objective: Any = None
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    icl: ICLConfig = ICLConfig()
+    rag: RAGConfig = RAGConfig()
 
 
 def check_before_import(raw: dict[str, Any], source: str = "<config>") -> None:

@@ -14,10 +14,12 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 
 from tunelab.config import (
     DataConfig,
+    ICLConfig,
     MethodConfig,
     ModelConfig,
     ObjectiveConfig,
     OutputConfig,
+    RAGConfig,
     Section,
     TrainConfig,
     config_path,
@@ -42,6 +44,8 @@ class RunConfig(Section):
     )
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    icl: ICLConfig = ICLConfig()
+    rag: RAGConfig = RAGConfig()
 
     @field_validator("method", mode="before")
     @classmethod

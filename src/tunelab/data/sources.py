@@ -49,6 +49,16 @@ def read_records(path: str) -> Iterator[Record]:
     yield from reader(p, path)
 
 
+def read_all(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Every record of a file (the first `limit`); any unreadable record is an error listing each by file:line."""
+    good, bad = [], []
+    for where, record in read_records(str(path)):
+        (bad if isinstance(record, Exception) else good).append((where, record))
+    if bad:
+        raise DataError(f"{path}: {len(bad)} unreadable record(s)", problems=[f"{w}: {e}" for w, e in bad])
+    return [r for _, r in good[:limit]] if limit is not None else [r for _, r in good]
+
+
 def _as_record(value: object) -> dict[str, Any] | Exception:
     if isinstance(value, dict):
         return value

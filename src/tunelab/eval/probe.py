@@ -18,9 +18,9 @@ from peft import PeftModel
 from torch import nn
 
 from tunelab.config import read_yaml
-from tunelab.data.sources import resolve_source
+from tunelab.data.sources import read_all, resolve_source
 from tunelab.errors import TunelabError
-from tunelab.eval.tasks import evaluate_records, load_model_or_run, read_eval_records
+from tunelab.eval.tasks import evaluate_records, load_model_or_run
 from tunelab.modeling.load import resolve_path
 from tunelab.owned import write_atomic
 from tunelab.world.resolve import cache_root
@@ -31,8 +31,8 @@ def run_probe(
     facts: str | Path | None = None, heldout: str | Path | None = None,
 ) -> dict[str, float]:
     """Probe metrics; `facts` / `heldout` replace TinyWorld's probe files, `limit` caps each."""
-    fact_records = read_eval_records(facts or resolve_source("tinyworld:probe@facts"), limit)
-    text_records = read_eval_records(heldout or resolve_source("tinyworld:probe@heldout"), limit)
+    fact_records = read_all(facts or resolve_source("tinyworld:probe@facts"), limit)
+    text_records = read_all(heldout or resolve_source("tinyworld:probe@heldout"), limit)
     cloze = evaluate_records(model, tokenizer, fact_records, kind="cloze", batch_size=batch_size)
     text = evaluate_records(model, tokenizer, text_records, kind="text", batch_size=batch_size)
     return {

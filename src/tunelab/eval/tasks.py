@@ -25,7 +25,6 @@ accurate for "She lives in Recife." but not for "Recifeland". Rates are fraction
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,8 @@ from typing import Any
 from torch import nn
 
 from tunelab.artifacts import load
-from tunelab.data.formats.chat import chat_messages
-from tunelab.data.formats.instruction import instruction_messages
 from tunelab.data.pipeline import render_example
-from tunelab.data.sources import read_records
+from tunelab.data.qa import contains_answer, exact_match, normalize, prompt_and_gold
 from tunelab.data.templates import tokenize_text
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import DataError, TunelabError
@@ -53,35 +50,11 @@ CLASSIFICATION_PROMPT = "{text}\nSentiment:"
 MAX_NEW_TOKENS = 16
 PROBE = "tinyworld:probe"  # the whole forgetting probe (facts cloze + held-out perplexity)
 
-QUOTES = "\"'`“”‘’«»"
-TRAILING_PUNCT = ".,!?;:…"
-
 GenerateFn = Callable[[list[Prompt], bool], list[str]]  # (prompts, chat) -> replies
 ScoreFn = Callable[[list[Prompt], list[str], bool], list[tuple[float, int]]]  # -> (sum log p, tokens)
 
 
 # ----------------------------------------------------------------------------- string metrics
-
-
-def normalize(s: str) -> str:
-    """Strip, lowercase, collapse whitespace, then strip surrounding quotes and trailing
-    punctuation (.,!?;:…) until nothing changes: `' "Recife." '` -> `recife`."""
-    s = " ".join(str(s).split()).lower()
-    prev = None
-    while s != prev:
-        prev = s
-        s = s.strip(QUOTES + " ").rstrip(TRAILING_PUNCT + " ")
-    return s
-
-
-def exact_match(pred: str, gold: str) -> bool:
-    return normalize(pred) == normalize(gold)
-
-
-def contains_answer(pred: str, gold: str) -> bool:
-    """The normalized gold occurs in the normalized prediction as a whole-word sequence."""
-    g = normalize(gold)
-    return bool(g) and re.search(rf"(?<!\w){re.escape(g)}(?!\w)", normalize(pred)) is not None
 
 
 def cloze_correct(continuation: str, answer: str) -> bool:
@@ -117,18 +90,6 @@ def infer_kind(records: Sequence[dict[str, Any]], where: str = "records") -> str
             "prompt+chosen+rejected, or text",
         )
     return kinds.pop()  # type: ignore[return-value]
-
-
-def prompt_and_gold(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
-    """(chat without its last assistant turn, short gold answer, full last assistant turn)."""
-    if "prompt" in record:
-        prompt = record["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return messages, str(record["answer"]), str(record["answer"])
-    msgs = instruction_messages(record) if "instruction" in record else chat_messages(record)
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    reply = msgs[last]["content"]
-    return msgs[:last], str(record.get("answer", reply)), reply
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -284,15 +245,6 @@ def parse_spec(spec: str) -> tuple[str, str] | None:
     if split not in SPLITS[task]:
         raise _unknown(spec, f"task {task!r} has splits {', '.join(SPLITS[task])}")
     return task, split
-
-
-def read_eval_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    good, bad = [], []
-    for where, record in read_records(str(path)):
-        (bad if isinstance(record, Exception) else good).append((where, record))
-    if bad:
-        raise DataError(f"{path}: {len(bad)} unreadable record(s)", problems=[f"{w}: {e}" for w, e in bad])
-    return [r for _, r in good[:limit]] if limit is not None else [r for _, r in good]
 
 
 def load_model_or_run(

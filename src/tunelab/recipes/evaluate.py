@@ -6,20 +6,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.artifacts import load
-from tunelab.config import DataConfig
+from tunelab.config import DataConfig, ICLConfig, RAGConfig, Section, explain
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.sources import read_records, resolve_source
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.eval import probe, suite
 from tunelab.eval.tasks import load_model_or_run, parse_spec
 from tunelab.inference.generation import encode_prompt, generate_ids
 from tunelab.inference.loss import evaluate_loss
 from tunelab.inference.reward import score_records
 from tunelab.modeling.heads import is_reward_model
+from tunelab.nonparametric import augment
 from tunelab.objectives import OBJECTIVES
 
 
@@ -28,6 +30,7 @@ def evaluate(
     fmt: str | None = None, max_length: int | None = None, batch_size: int | None = None, all_tokens: bool = False,
     tasks: list[str] | tuple[str, ...] = (), forgetting: bool = False, base: str | Path | None = None,
     limit: int | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+    icl: ICLConfig | dict[str, Any] | None = None, rag: RAGConfig | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity of a model or run on a dataset (assistant tokens only, unless all_tokens).
 
@@ -38,7 +41,13 @@ def evaluate(
     `forgetting` (see `tunelab.eval.probe.forgetting`; `base` where the model is neither a run nor
     an adapter): one entry per evaluation, keyed by the data path, the task spec and "forgetting";
     the model is loaded once. `batch_size`: 8 for the loss, 32 for tasks unless given.
-    `trust_remote_code` / `allow_pickle`: this command's grant (settings in a run dir never grant them)."""
+    `trust_remote_code` / `allow_pickle`: this command's grant (settings in a run dir never grant them).
+    `icl` / `rag` (config sections or their dicts): tasks are answered with in-context shots /
+    retrieved passages (docs/nonparametric.md)."""
+    icl, rag = _section(ICLConfig, icl, "icl"), _section(RAGConfig, rag, "rag")
+    if rag is None and not isinstance(model_path, tuple):  # a run trained on retrieved passages is evaluated with them
+        run_rag = (probe.run_config(model_path) or {}).get("rag") or {}
+        rag = RAGConfig.model_validate(run_rag) if run_rag.get("train") else None
     for spec in tasks:
         parse_spec(spec)  # unknown names fail before a model is loaded
     if data is None and not tasks and not forgetting:
@@ -58,7 +67,7 @@ def evaluate(
         if not tasks and not forgetting:
             return out[data]
     for spec in tasks:
-        out[spec] = evaluate_task((model, tok), spec, limit=limit, batch_size=batch_size or 32)
+        out[spec] = evaluate_task((model, tok), spec, limit=limit, batch_size=batch_size or 32, icl=icl, rag=rag)
     if forgetting:
         out["forgetting"] = probe.forgetting((model, tok), base, limit=limit, batch_size=batch_size or 32)
     return out
@@ -93,21 +102,45 @@ def data_settings(
 
 def evaluate_task(
     model_or_run: str | Path | tuple[nn.Module, PreTrainedTokenizerBase], spec: str, *, limit: int | None = None,
-    batch_size: int = 32, kind: str | None = None,
+    batch_size: int = 32, kind: str | None = None, icl: ICLConfig | dict[str, Any] | None = None,
+    rag: RAGConfig | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a model on `tinyworld:<task>[@<split>]`, `tinyworld:probe` or a dataset file."""
-    return suite.evaluate_task(model_or_run, spec, limit=limit, batch_size=batch_size, kind=kind)
+    return suite.evaluate_task(model_or_run, spec, limit=limit, batch_size=batch_size, kind=kind,
+                               icl=_section(ICLConfig, icl, "icl"), rag=_section(RAGConfig, rag, "rag"))
+
+
+def _section(cls: type[Section], value: Section | dict[str, Any] | None, name: str) -> Any:
+    """A config section given as itself or as a dict (checked like a config's, naming the key)."""
+    if value is None or isinstance(value, cls):
+        return value
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        raise ConfigError(explain(e, cls, prefix=name)) from None
 
 
 @torch.no_grad()
 def generate(
     model_path: str | Path, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
     chat: bool = True, seed: int = 0, trust_remote_code: bool = False, allow_pickle: bool = False,
+    icl: ICLConfig | dict[str, Any] | None = None, rag: RAGConfig | dict[str, Any] | None = None,
 ) -> str:
     """Reply to `prompt` (a user turn through the chat template, when there is one; else raw text).
-    Greedy by default; `temperature > 0` samples."""
+    Greedy by default; `temperature > 0` samples. `icl` (with its pool) / `rag`: shots / retrieved
+    passages before the prompt."""
+    tech = suite.technique_for(_section(ICLConfig, icl, "icl"), _section(RAGConfig, rag, "rag"))
     model, tok = load(model_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    ids = encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))
+    if tech.active:
+        if not (chat and tok.chat_template):
+            raise TunelabError("in-context learning and RAG build chat prompts; this one is raw text",
+                               fix="drop --no-chat, or use a model whose tokenizer has a chat template")
+        budgets = [c.max_length for c in (tech.icl, tech.rag) if c.max_length]
+        budget = min(budgets or [getattr(model.config, "max_position_embeddings", 1024)]) - max_new_tokens
+        (record,), _ = augment.apply([{"prompt": prompt, "answer": ""}], tok, tech, budget=budget)
+        ids = encode_prompt(tok, record["messages"][:-1], chat=True)
+    else:
+        ids = encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))
     torch.manual_seed(seed)
     (reply,) = generate_ids(model, tok, [ids], max_new_tokens=max_new_tokens,
                             temperature=temperature if temperature > 0 else None)

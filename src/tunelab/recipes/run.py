@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,14 @@ from torch import nn
 
 from tunelab import owned
 from tunelab.artifacts import save_artifact
-from tunelab.config import deep_merge, parse_overrides, read_yaml
+from tunelab.config import DataConfig, deep_merge, parse_overrides, read_yaml
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.report import check_report
 from tunelab.errors import ResumeError, TunelabError
 from tunelab.faults import fault_point
 from tunelab.methods import METHODS, count_parameters
 from tunelab.modeling.load import load_model, load_tokenizer
+from tunelab.nonparametric import augment
 from tunelab.objectives import OBJECTIVES
 from tunelab.runconfig import RunConfig, build_config, load_config, save_config
 from tunelab.training import checkpoint
@@ -78,7 +80,8 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 ABSURD_EPOCHS = 1000  # a plan with more passes over the data than this is warned about
 
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final",
-                         "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png", "demo.json"})
+                         "final.tmp-save", "final.old-save", "rollouts.jsonl", "reward_curve.png", "demo.json",
+                         "rag-data"})
 
 
 def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool,
@@ -167,8 +170,9 @@ def _train(
     kw = {"mask_prompt": objective.mask_prompt, "formats": objective.formats, "log": reporter.say}
     if getattr(cfg.objective, "labels", None) is not None:  # classification: the class order
         kw["labels"] = cfg.objective.labels
-    train_data = load_tokenized(cfg.data, "train", tokenizer, **kw)
-    eval_data = load_tokenized(cfg.data, "eval", tokenizer, **kw) if cfg.data.eval else None
+    data = _with_passages(cfg, run_dir, tokenizer, reporter.say)
+    train_data = load_tokenized(data, "train", tokenizer, **kw)
+    eval_data = load_tokenized(data, "eval", tokenizer, **kw) if cfg.data.eval else None
 
     model = METHODS[cfg.method.name].apply(model if model is not None else load_model(cfg.model), cfg.method)
     trainable, total = count_parameters(model)
@@ -203,6 +207,26 @@ def _train(
     if result.status == "completed":
         reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
     return result
+
+
+def _with_passages(cfg: RunConfig, run_dir: Path, tokenizer: Any, say: Callable[[str], None]) -> DataConfig:
+    """The data section to train on: with `rag.train`, the train/eval records with their retrieved
+    passages in the prompt, written to RUN/rag-data/ (what the model learns to use at evaluation)."""
+    if not cfg.rag.train:
+        return cfg.data
+    tech = augment.technique(rag=cfg.rag)
+    updates = {}
+    for split in ("train", "eval"):
+        source = getattr(cfg.data, split)
+        if source is not None:
+            out = run_dir / "rag-data" / f"{split}.jsonl"
+            out.parent.mkdir(exist_ok=True)
+            counts = augment.augment_file(source, out, tokenizer, tech, budget=cfg.data.max_length)
+            say(f"rag: {split} prompts carry {counts['passages']:.2f} passages each from {cfg.rag.index} "
+                f"(recall@{cfg.rag.k} {counts['retrieval_recall']:.3f}, {counts['passages_dropped']:.0f} dropped "
+                f"to fit data.max_length)")
+            updates[split] = str(out)
+    return cfg.data.model_copy(update=updates)
 
 
 def _fmt(m: dict[str, float]) -> str:

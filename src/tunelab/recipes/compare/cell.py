@@ -62,7 +62,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
             model = cfg["model"]["name_or_path"]
             out.update(trainable=0, total=None, steps=0, train_seconds=0.0, curve=[])
         metrics = evaluate(model, tasks=[task["eval"]], forgetting=bool(task.get("forgetting") and job["train"]),
-                           limit=task.get("limit"))
+                           limit=task.get("limit"), icl=cfg.get("icl"), rag=cfg.get("rag"))
         scores = {k: v for k, v in metrics[task["eval"]].items() if isinstance(v, (int, float))}
         metric = pick_metric(scores, task.get("metric"))
         forget = metrics.get("forgetting", {}).get("drop", {}).get("cloze_accuracy_points")
