@@ -159,3 +159,22 @@ def test_part_of_a_spec_runs_with_variants_and_tasks_filters(tmp_path, llama_dir
     assert [v.name for v in part.variants] == ["l"] and part.variants[0].tasks == []
     with pytest.raises(ConfigError, match="unknown variant.*nope; the spec has: z, l"):
         _only(spec, ["nope"], None)
+
+
+def test_untrained_cells_are_one_unless_icl_draws_shots(tmp_path, llama_dir, task_files):
+    """Zero-shot and deterministic techniques (ICL by similarity, RAG) are one cell; ICL that draws its
+    shots at random runs every seed, each seed drawing other shots."""
+    from tunelab.recipes.compare.spec import cells
+
+    train, test = task_files
+    spec_file = write_spec(tmp_path / "s.yaml", llama_dir, train, test, [
+        {"name": "z", "train": False},
+        {"name": "icl-similar", "train": False, "overrides": {"icl.k": 2, "icl.select": "similar"}},
+        {"name": "icl-random", "train": False, "overrides": {"icl.k": 2}},
+        {"name": "icl-order", "train": False, "overrides": {"icl.k": 2, "icl.select": "similar", "icl.order": "random"}},
+        {"name": "l"}], seeds=(0, 1, 2))
+    spec, _ = load_spec(spec_file)
+    got = cells(spec, tmp_path, lambda task: {})
+    counts = {v: sum(c.variant == v for c in got) for v in ("z", "icl-similar", "icl-random", "icl-order", "l")}
+    assert counts == {"z": 1, "icl-similar": 1, "icl-random": 3, "icl-order": 3, "l": 3}
+    assert [c.config["icl"]["seed"] for c in got if c.variant == "icl-random"] == [0, 1, 2]

@@ -13,10 +13,14 @@ tasks:
     train_examples: 100        # optional: the first N records of data.train (seeded shuffle)
 variants:
   - {name: zero-shot, train: false}
+  - {name: icl-8, train: false, overrides: {icl.k: 8, icl.select: similar}}   # shots, no training
   - {name: lora, overrides: {method.name: lora, train.lr: 1e-3}}
   - {name: full, config: sft-full, tasks: [qa]}
 ```
 
+An untrained variant is one cell (it is deterministic), unless in-context learning draws its shots
+(`icl.select` random or fixed, or `icl.order` random): then one per seed, the seed drawing them.
+The first untrained variant is the base the others are tested against.
 Overrides are `{dotted.key: value}` maps (or `["key=value", ...]` lists, as on the command line).
 Every cell's config is built before anything runs: a cell whose config is invalid is reported
 with its one-line reason and the rest go on.
@@ -141,9 +145,17 @@ def cells(spec: CompareSpec, root: Path, data_for: Any) -> list[Cell]:
         for task in spec.tasks:
             if variant.tasks is not None and task.name not in variant.tasks:
                 continue
-            for seed in spec.seeds if variant.train else spec.seeds[:1]:  # zero-shot: deterministic
-                out.append(_cell(variant, task, seed, base, budget, root, data_for, unknown))
+            first = _cell(variant, task, spec.seeds[0], base, budget, root, data_for, unknown)
+            out.append(first)
+            # An untrained cell is deterministic (one seed) unless in-context learning draws its shots.
+            if variant.train or _draws_shots(first.config):
+                out += [_cell(variant, task, seed, base, budget, root, data_for, unknown) for seed in spec.seeds[1:]]
     return out
+
+
+def _draws_shots(config: dict[str, Any] | None) -> bool:
+    icl = (config or {}).get("icl") or {}
+    return bool(icl.get("k")) and (icl.get("select") != "similar" or icl.get("order") == "random")
 
 
 def _cell(variant: VariantSpec, task: TaskSpec, seed: int, base: dict[str, Any], budget: dict[str, Any],
@@ -155,7 +167,7 @@ def _cell(variant: VariantSpec, task: TaskSpec, seed: int, base: dict[str, Any],
             raise ConfigError(f"unknown task(s) {', '.join(unknown)} in variant {variant.name}'s tasks")
         raw = _read_config(variant.config, root) if variant.config else base
         for extra in (budget if variant.train else {}, nest(task.overrides), data_for(task), nest(variant.overrides),
-                      {"train": {"seed": seed}}):
+                      {"train": {"seed": seed}, "icl": {"seed": seed}}):
             raw = deep_merge(raw, extra)
         cfg = build_config(raw, where).to_dict()
     except TunelabError as e:
