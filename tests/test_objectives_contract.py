@@ -35,6 +35,7 @@ from tunelab.data.collate import collate
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.stream import BatchStream, MicroBatch
 from tunelab.data.types import IGNORE, Example
+from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.modeling.load import load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES
@@ -75,6 +76,9 @@ def files(tmp_path_factory, llama_dir) -> dict[str, Path]:
         "chat": tiny.write_jsonl(d / "chat.jsonl", tiny.chat_records(5, seed=3)),
         "prefs": tiny.write_jsonl(d / "prefs.jsonl", prefs),
         "classes": tiny.write_jsonl(d / "classes.jsonl", classes),
+        "pairs": tiny.write_jsonl(d / "pairs.jsonl", [{"query": f"what colour is the {things[i]}?",
+                                                        "positive": f"the {things[i]} is {tiny.COLOURS[i]}" +
+                                                        " indeed" * (i % 3)} for i in range(5)]),
         "prompts": tiny.write_jsonl(d / "prompts.jsonl", [{"prompt": f"what colour is the {t}?" + " really?" * (i % 3)}
                                                          for i, t in enumerate(things[:5])]),
     }
@@ -109,17 +113,20 @@ class Variant:
     # whose labels are all masked still counts one unit and may train (and a batch of zero pairs
     # cannot run: transformers refuses an empty batch), so only its finiteness is checked.
     masked_trains: bool = False
+    # Objectives whose loss couples the examples of a batch (contrastive: in-batch negatives) cannot
+    # keep the accumulation contract; they must refuse train.grad_accum > 1 instead, saying why.
+    whole_batch: str | None = None
     build: Callable[[Variant, Any, dict[str, Path]], Case] | None = None  # None: loop_case
 
 
-def config(name: str, v: Variant, files: dict[str, Path]) -> Any:
+def config(name: str, v: Variant, files: dict[str, Path], grad_accum: int = 1) -> Any:
     objective = {"name": name, **v.objective, **{k: str(files[f]) for k, f in v.paths.items()}}
     return resolve_config({
         "model": {"name_or_path": str(files["model"]), "dtype": "float32"},
         "data": {"train": str(files[v.data]), "max_length": v.max_length, "packing": v.packing,
                  "max_truncated_share": 1.0, "allow_cut_replies": True},  # short rows on purpose
         "method": v.method, "objective": objective,
-        "train": {"batch_size": MICRO, "seed": 0, "precision": "fp32"},
+        "train": {"batch_size": MICRO, "seed": 0, "precision": "fp32", "grad_accum": grad_accum},
     })
 
 
@@ -229,6 +236,8 @@ VARIANTS: dict[str, list[Variant]] = {
     "distill": [Variant("distill-jsd-hard_weight", "chat",
                         {"divergence": "jsd", "temperature": 2.0, "hard_weight": 0.3},
                         paths={"teacher": "other"})],
+    "contrastive": [Variant("contrastive", "pairs", {"temperature": 0.1}, masked_trains=True,
+                            whole_batch="gradient accumulation")],
     "ppo": [Variant("ppo-entropy", "prompts", {"vf_coef": 0.5, "entropy_coef": 0.05}, paths={"reward_model": "rm"},
                     build=rollout_case)],
 }
@@ -296,7 +305,11 @@ def test_fully_masked_batch_gives_a_finite_loss_and_no_gradient(name, variant, c
 
 
 @pytest.mark.parametrize("name, variant", CASES)
-def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(name, variant, case_of):
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(name, variant, case_of, files):
+    if variant is not None and variant.whole_batch:
+        with pytest.raises(ConfigError, match=variant.whole_batch):
+            config(name, variant, files, grad_accum=2)
+        return
     case = case_of(name, variant)
     assert len(case.parts) >= 2 and [w for mb in case.parts for w in mb.where] == case.whole.where
     assert len({mb.n_trained for mb in case.parts}) > 1, "equal units would hide a mean-of-means normalisation"

@@ -136,6 +136,10 @@ class ObjectiveConfig(Section):
 
     name: str
 
+    def check_run(self, run: Any) -> None:
+        """Raise ValueError where the rest of the run's config (`run`: the RunConfig) cannot serve
+        this objective; called when a whole config is built."""
+
 
 class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, le=10**9, description="optimizer steps; overrides epochs")
@@ -315,7 +319,7 @@ def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
 # a misspelt name is caught in a fraction of a second. tests/test_config.py keeps them equal to the registries.
 METHOD_NAMES = ("adalora", "adapters", "bitfit", "diff_pruning", "dylora", "features", "full", "head", "krona",
                 "lora", "ltsft", "partial", "peft", "prefix", "prompt", "ptuning", "qlora", "threshold_mask")
-OBJECTIVE_NAMES = ("classify", "distill", "dpo", "lm", "ppo", "reward", "sft")
+OBJECTIVE_NAMES = ("classify", "contrastive", "distill", "dpo", "lm", "ppo", "reward", "sft")
 
 
 class _Sections(Section):

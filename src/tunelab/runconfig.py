@@ -58,6 +58,11 @@ class RunConfig(Section):
         return v if isinstance(v, ObjectiveConfig) else objective_config(v)
 
     @model_validator(mode="after")
+    def _objective_fits(self) -> RunConfig:
+        self.objective.check_run(self)
+        return self
+
+    @model_validator(mode="after")
     def _select_best_needs_eval(self) -> RunConfig:
         if self.train.select_best and self.data.eval is None:
             raise ValueError("train.select_best needs evaluation data to select by: set data.eval (e.g. a "
