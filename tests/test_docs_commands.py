@@ -185,6 +185,15 @@ COMMANDS: dict[str, str] = {
     "tunelab eval runs/ltsft --task tinyworld:qa@test --forgetting": RUN,
     "tunelab export runs/ltsft --out runs/ltsft-merged --merge": RUN,
     "tunelab methods --model tunelab-tiny --method diff_pruning": RUN,
+    # docs/rag.md
+    "tunelab rag index --docs tasks/new-facts/knowledge.txt --per-line --out runs/rag": RUN,
+    'tunelab rag query runs/rag "Which instrument does Hilde Moretti play?" --k 3': RUN,
+    "tunelab rag index --docs tasks/new-facts/knowledge.jsonl --out runs/rag --add": RUN,
+    "tunelab rag index --docs tasks/new-facts/knowledge.txt --per-line --out runs/rag-dense --dense": RUN,
+    'tunelab rag query runs/rag-dense "What is the hobby of Hilde Moretti?" --retriever hybrid --json': RUN,
+    "python bench/rag_scale.py --sizes 1000,10000,100000": BENCH,
+    "python bench/rag_scale.py --sizes 1000000 --base-max 0 --json docs/results/rag-scale-1m.json": BENCH,
+    "python bench/rag_scale.py --sizes 100000 --base-max 0 --ef-search 64,128,256,512,1024": BENCH,
 }
 
 # The rewrites (module docstring).

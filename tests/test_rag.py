@@ -184,6 +184,12 @@ def test_read_documents(tmp_path):
                                                        ("facts.txt:4", "line four", 4)]
 
 
+def test_tinyworld_names_read_their_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    docs = read_documents("tinyworld:new-facts@knowledge")
+    assert len(docs) == 600 and docs[0].id == "knowledge.jsonl:1" and " plays the " in docs[0].text
+
+
 @pytest.mark.parametrize("name, content, match", [
     ("bin.txt", b"text\nmore\0binary", r"bin.txt:2: a binary file"),
     ("latin.txt", b"ok\ncaf\xe9\n", r"latin.txt:2: not UTF-8"),

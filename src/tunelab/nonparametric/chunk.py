@@ -3,7 +3,8 @@
 Documents: `.txt` and `.md` files (one document a file; with `per_line`, each non-blank line of a
 `.txt` file is one, as in TinyWorld's `knowledge.txt`) and `.jsonl` files (one `{"text": ...}`
 record a line, with an optional `"id"`; other keys are kept as the chunk's metadata). A folder is
-read recursively in name order (hidden entries and other file types skipped).
+read recursively in name order (hidden entries and other file types skipped). A TinyWorld name
+(`tinyworld:new-facts@knowledge`) reads its generated file.
 
 A chunk is an exact substring of its document: its boundaries come from the tokenizer's offset
 mapping (a fast tokenizer), so `doc.text[start:end] == chunk.text` always holds, the first chunk
@@ -23,6 +24,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.data.sources import resolve_source
 from tunelab.errors import ConfigError, DataError
 
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -71,7 +73,7 @@ def read_documents(paths: str | Path | Iterable[str | Path], *, per_line: bool =
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     docs: list[Document] = []
     for item in items:
-        root = Path(item)
+        root = Path(resolve_source(item) if isinstance(item, str) else item)
         if not root.exists():
             raise DataError(f"{item}: no such file or folder", fix="point --docs at .txt/.md/.jsonl files or a folder")
         for f in _files(root):

@@ -239,7 +239,8 @@ def build_index(docs: str | Path | Iterable[str | Path], out: str | Path, *, tok
     old_records = old.chunks if old else []
     new, dropped = dedupe(chunks, seen=(r["key"] for r in old_records))
     if not old_records and not new:
-        raise DataError(f"{docs}: no text to index (no non-blank .txt/.md/.jsonl document found)",
+        where = ", ".join(map(str, docs)) if isinstance(docs, (list, tuple)) else str(docs)
+        raise DataError(f"{where}: no text to index (no non-blank .txt/.md/.jsonl document found)",
                         fix="point --docs at text files, or a folder holding them")
     records = old_records + _unique_ids([c.record() for c in new], {r["id"] for r in old_records})
     log(f"{len(documents)} documents -> {len(chunks)} chunks, {dropped} duplicates dropped, {len(new)} new")

@@ -25,6 +25,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import faiss
@@ -144,6 +145,20 @@ class DenseIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    @property
+    def ef_search(self) -> int | None:
+        """HNSW's candidate list per query (recall for time); None for exact."""
+        return int(self._hnsw.efSearch) if self.kind == "hnsw" else None
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if self.kind == "hnsw":
+            self._hnsw.efSearch = value
+
+    @property
+    def _hnsw(self) -> Any:  # faiss's HNSW struct (SWIG)
+        return faiss.downcast_index(self._index).hnsw
+
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors (normalised here); their positions continue from `len(self)`."""
         v = normalized(vectors)
@@ -174,10 +189,10 @@ class DenseIndex:
         path = Path(path)
         meta = _read_json(path / "faiss.json", "a dense index")
         self = cls(meta["dim"], meta["kind"])
-        ef = self._index.hnsw.efSearch if self.kind == "hnsw" else None
+        ef = self.ef_search
         self._index = faiss.read_index(str(path / f"{self.kind}.faiss"))
         if ef is not None:
-            faiss.downcast_index(self._index).hnsw.efSearch = ef
+            self.ef_search = ef  # not saved in the file
         return self
 
 
