@@ -236,3 +236,31 @@ def test_encoder_fingerprint_is_a_stable_identity(llama_dir, tmp_path):
     assert Encoder.load(str(tmp_path / "copy")).fingerprint == a.fingerprint
     other = tiny.save_model(tmp_path / "other", "llama", seed=1)  # same architecture, other weights
     assert Encoder.load(str(other)).fingerprint != a.fingerprint
+
+
+def test_an_encoder_folder_loads_with_automodel(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    tok = tiny.tokenizer()
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=len(tok))).save_pretrained(str(tmp_path / "bert"))
+    tok.save_pretrained(str(tmp_path / "bert"))
+    enc = Encoder.load(str(tmp_path / "bert"))
+    texts = ["the apple is red", "the river is blue", "a stone"]
+    index = DenseIndex(enc.dim)
+    index.add(enc.encode(texts))
+    assert enc.dim == 16 and [row[0][0] for row in index.search(enc.encode(texts), 1)] == [0, 1, 2]
+
+
+def test_a_peft_adapter_loads_through_artifacts(llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(llama_dir)),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    tiny.tokenizer().save_pretrained(str(tmp_path / "adapter"))
+    adapted, base = Encoder.load(str(tmp_path / "adapter")), Encoder.load(str(llama_dir))
+    assert adapted.fingerprint != base.fingerprint
+    a, b = adapted.encode(["the apple is red"]), base.encode(["the apple is red"])
+    assert a.shape == b.shape == (1, 32) and not np.allclose(a, b, atol=1e-4)

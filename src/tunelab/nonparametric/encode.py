@@ -1,10 +1,12 @@
 """Texts -> L2-normalised float32 vectors, for dense retrieval.
 
-Two kinds of model, one pooling: the mean of the last hidden states over the attention mask.
-(a) a causal LM (the base model, `tunelab-tiny` or any model folder `tunelab.modeling.load`
-accepts): its decoder's final hidden states, the model's head unused; (b) any local Hugging Face
-encoder folder (BERT-like, `AutoModel`). Loading goes through tunelab's safe loaders: safetensors
-only unless `allow_pickle`, no model code unless `trust_remote_code`.
+Two kinds of model, one pooling: the mean of the last hidden states over the attention mask
+(`tunelab.inference.embed`, which the contrastive objective trains through too). (a) a causal LM,
+loaded by `tunelab.artifacts.load` (the base `tunelab-tiny`, a model folder or cached hub id, a
+run's final model, a peft adapter, a tunelab delta): its decoder's final hidden states, the head
+unused; (b) any local Hugging Face encoder folder (BERT-like, `AutoModel`). Loading goes through
+tunelab's safe loaders: safetensors only unless `allow_pickle`, no model code unless
+`trust_remote_code`.
 
 An index remembers its encoder's `fingerprint`, so that a query embedded by another model (whose
 vectors live in another space) is refused instead of answered with noise. The fingerprint is
@@ -23,13 +25,14 @@ import numpy as np
 import torch
 from transformers import AutoModel, PreTrainedTokenizerBase
 
+from tunelab.artifacts import is_delta, load
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError
+from tunelab.inference.embed import embed
 from tunelab.modeling.load import (
     WEIGHT_SUFFIXES,
     check_weight_files,
     check_weights_safe,
-    load_model,
     load_tokenizer,
     model_config,
     resolve_path,
@@ -85,17 +88,22 @@ class Encoder:
     @classmethod
     def load(cls, name_or_path: str = "tunelab-tiny", *, trust_remote_code: bool = False,
              allow_pickle: bool = False, batch_size: int = 32) -> Encoder:
-        """A causal LM (its decoder) or an encoder folder, through tunelab's safe loaders."""
+        """A causal LM through `tunelab.artifacts.load` (a model folder, hub id, `tunelab-tiny`, a
+        run dir's final model, a peft adapter, a tunelab delta), or an encoder folder (AutoModel)."""
+        p = Path(name_or_path)
+        if (p / "config.yaml").is_file() or (p / "adapter_config.json").is_file() or is_delta(p):
+            model, tok = load(p, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            folder = p / "final" if (p / "config.yaml").is_file() else p
+            return cls(model, tok, name=name_or_path, fingerprint=fingerprint(str(folder), model.config),
+                       batch_size=batch_size)
         path = resolve_path(name_or_path)
-        cfg = ModelConfig(name_or_path=name_or_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                          dtype="float32")
         config = model_config(name_or_path, trust_remote_code=trust_remote_code)
         if is_causal_lm(config):
-            model = load_model(cfg, path, training=False).base_model
+            model, tok = load(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         else:
-            model = _load_encoder(cfg, path)
-        return cls(model, load_tokenizer(cfg, path), name=name_or_path, fingerprint=fingerprint(path, config),
-                   batch_size=batch_size)
+            cfg = ModelConfig(name_or_path=path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            model, tok = _load_encoder(cfg, path), load_tokenizer(cfg, path)
+        return cls(model, tok, name=name_or_path, fingerprint=fingerprint(path, config), batch_size=batch_size)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -107,10 +115,7 @@ class Encoder:
             idx = order[start:start + self.batch_size]
             batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(device)
-            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
-            out[idx] = torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy()
+            out[idx] = embed(self.model, batch["input_ids"], batch["attention_mask"]).cpu().numpy()
         return out
 
 
