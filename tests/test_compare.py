@@ -171,7 +171,8 @@ def test_untrained_cells_are_one_unless_icl_draws_shots(tmp_path, llama_dir, tas
         {"name": "z", "train": False},
         {"name": "icl-similar", "train": False, "overrides": {"icl.k": 2, "icl.select": "similar"}},
         {"name": "icl-random", "train": False, "overrides": {"icl.k": 2}},
-        {"name": "icl-order", "train": False, "overrides": {"icl.k": 2, "icl.select": "similar", "icl.order": "random"}},
+        {"name": "icl-order", "train": False,
+         "overrides": {"icl.k": 2, "icl.select": "similar", "icl.order": "random"}},
         {"name": "l"}], seeds=(0, 1, 2))
     spec, _ = load_spec(spec_file)
     got = cells(spec, tmp_path, lambda task: {})

@@ -191,6 +191,19 @@ COMMANDS: dict[str, str] = {
     "tunelab rag index --docs tasks/new-facts/knowledge.jsonl --out runs/rag --add": RUN,
     "tunelab rag index --docs tasks/new-facts/knowledge.txt --per-line --out runs/rag-dense --dense": RUN,
     'tunelab rag query runs/rag-dense "What is the hobby of Hilde Moretti?" --retriever hybrid --json': RUN,
+    # docs/nonparametric.md
+    "tunelab eval tunelab-tiny --task tinyworld:new-facts@paraphrases --icl-k 8 --icl select=similar": RUN,
+    "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb": RUN,
+    "tunelab eval tunelab-tiny --task tinyworld:new-facts@test --rag runs/kb --rag-set k=3": RUN,
+    'tunelab generate tunelab-tiny --prompt "Which hobby does Agnes Dietrich have?" --rag runs/kb': RUN,
+    "tunelab train sft-lora data.train=tinyworld:new-facts data.eval=null rag.index=runs/kb rag.train=true "
+    "output.dir=runs/rag-lora": RUN,
+    "tunelab eval runs/rag-lora --task tinyworld:new-facts@test": RUN,
+    "tunelab train sft-full data.train=tinyworld:new-facts@retrieval data.eval=null objective.name=contrastive "
+    "train.batch_size=32 output.dir=runs/retriever": RUN,
+    "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb-ft --dense "
+    "--encoder runs/retriever/final": RUN,
+    "tunelab eval tunelab-tiny --task tinyworld:new-facts@test --rag runs/kb-ft --rag-set retriever=dense": RUN,
     "python bench/rag_scale.py --sizes 1000,10000,100000": BENCH,
     "python bench/rag_scale.py --sizes 1000000 --base-max 0 --json docs/results/rag-scale-1m.json": BENCH,
     "python bench/rag_scale.py --sizes 100000 --base-max 0 --ef-search 64,128,256,512,1024": BENCH,
