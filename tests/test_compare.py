@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -179,3 +180,14 @@ def test_untrained_cells_are_one_unless_icl_draws_shots(tmp_path, llama_dir, tas
     counts = {v: sum(c.variant == v for c in got) for v in ("z", "icl-similar", "icl-random", "icl-order", "l")}
     assert counts == {"z": 1, "icl-similar": 1, "icl-random": 3, "icl-order": 3, "l": 3}
     assert [c.config["icl"]["seed"] for c in got if c.variant == "icl-random"] == [0, 1, 2]
+
+
+def test_a_report_names_its_spec_without_machine_paths(tmp_path, monkeypatch):
+    from tunelab.config import SHIPPED_CONFIGS
+    from tunelab.recipes.compare import _shown
+
+    assert _shown(SHIPPED_CONFIGS / "compare-tinyworld.yaml") == "configs/compare-tinyworld.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "specs").mkdir()
+    assert _shown(tmp_path / "specs" / "mine.yaml") == "specs/mine.yaml"
+    assert _shown(Path("/elsewhere/spec.yaml")) == "/elsewhere/spec.yaml"  # outside: as the user named it

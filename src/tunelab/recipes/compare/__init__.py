@@ -235,8 +235,18 @@ def _report(store: Store, spec: CompareSpec, by_key: dict[str, Cell], out: Path,
     base = next((v.name for v in spec.variants if not v.train), None)
     agg = aggregate(table, base)
     counts = {s: sum(c["status"] == s for c in table) for s in (DONE, FAILED, INVALID, PENDING, RUNNING)}
-    header = {"spec": str(spec_path), "seeds": spec.seeds, "budget": spec.budget,
+    header = {"spec": _shown(spec_path), "seeds": spec.seeds, "budget": spec.budget,
               "counts": ", ".join(f"{n} {s}" for s, n in counts.items() if n)}
     write_outputs(out, table, agg, header)
     say(f"compare: report in {out / 'report.md'} ({header['counts']})")
     return agg
+
+
+def _shown(spec_path: Path) -> str:
+    """The spec's path as a report names it: a shipped spec as `configs/<name>`, one under the working
+    folder relative to it (a report holds no machine path it need not)."""
+    path = spec_path.resolve()
+    for root, prefix in ((SHIPPED_CONFIGS.resolve(), "configs/"), (Path.cwd().resolve(), "")):
+        if path.is_relative_to(root):
+            return prefix + str(path.relative_to(root))
+    return str(spec_path)
