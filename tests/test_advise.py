@@ -183,7 +183,8 @@ def batch_of(rows: int, seq: int, pairs: bool, vocab: int) -> dict[str, torch.Te
 @pytest.mark.parametrize("method, overrides, objective, autocast", [
     ("full", [], "sft", False), ("lora", ["r=4"], "sft", False), ("lora", ["r=4"], "dpo", False),
     ("prompt", [], "sft", False), ("adapters", [], "dpo", False), ("lora", ["r=4"], "sft", True),
-    ("full", [], "distill", False),
+    ("full", [], "distill", False), ("lora", ["r=4"], "simpo", False), ("full", [], "orpo", False),
+    ("lora", ["r=4"], "kto", False),
 ])
 def test_activations_match_what_autograd_saves(tiny_dir, method, overrides, objective, autocast):
     extra = ["train.precision=bf16"] if autocast else []
@@ -194,7 +195,10 @@ def test_activations_match_what_autograd_saves(tiny_dir, method, overrides, obje
     model = METHODS[method].apply(model, cfg.method).train()
     runtime = OBJECTIVES[objective].make_runtime(RunContext(cfg, model, None, torch.device("cpu"), tiny.quiet))
     rows, seq = 2, 24
-    batch = batch_of(rows * (2 if objective == "dpo" else 1), seq, objective == "dpo", hf.vocab_size)
+    pairs = objective in ("dpo", "simpo", "orpo")
+    batch = batch_of(rows * (2 if pairs else 1), seq, pairs, hf.vocab_size)
+    if objective == "kto":  # unpaired: one rating per row
+        batch["label"] = torch.tensor([1, 0])
     if objective == "distill":  # text data: every token trains (what the estimate assumes for the divergence)
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     got = saved_bytes(model, runtime, batch, autocast)

@@ -107,6 +107,10 @@ COMMANDS: dict[str, str] = {
     "tunelab train configs/align-ppo.yaml": RUN,
     "tunelab train configs/align-dpo.yaml": RUN,
     "tunelab train configs/align-dpo.yaml method.name=qlora output.dir=runs/align-dpo-qlora": RUN,
+    "tunelab train configs/align-simpo.yaml": RUN,
+    "tunelab train configs/align-orpo.yaml": RUN,
+    "tunelab train configs/align-kto.yaml": RUN,
+    "tunelab eval runs/align-kto --task tinyworld:prefs@test --json": RUN,
     "tunelab train configs/sft-lora.yaml": RUN,
     "tunelab train configs/distill.yaml": RUN,
     # docs/config.md

@@ -8,10 +8,11 @@
 Batches come from the loop's own path (data pipeline -> `BatchStream` micro-batches) and runtimes
 from `make_runtime(RunContext(...))` as the loop builds them; PPO's update runs on a fixed rollout
 built here (no sampling), cut into minibatches as its runtime cuts them. Pair objectives (reward,
-dpo) count a pair as the unit and a batch of zero pairs cannot run, so their masked batch is pairs
-with every label masked: still B units, a finite loss, and no gradient where the loss reads the
-policy only through trained tokens (dpo). A newly registered objective fails here until it gets a
-variant in VARIANTS.
+dpo, simpo, orpo) count a pair as the unit and a batch of zero pairs cannot run, so their masked
+batch is pairs with every label masked: still B units, a finite loss, and no gradient where the
+loss reads the policy only through trained tokens (dpo, simpo, orpo). kto counts rated examples: a
+masked example loses its rating too, so its masked batch has no unit and a zero loss. A newly
+registered objective fails here until it gets a variant in VARIANTS.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def files(tmp_path_factory, llama_dir) -> dict[str, Path]:
         "model": llama_dir, "other": d / "other", "rm": d / "rm",
         "chat": tiny.write_jsonl(d / "chat.jsonl", tiny.chat_records(5, seed=3)),
         "prefs": tiny.write_jsonl(d / "prefs.jsonl", prefs),
+        "unpaired": tiny.write_jsonl(d / "unpaired.jsonl", [  # each reply rated; neighbours differ in prompt
+            {"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+            for key in ("chosen", "rejected") for p in prefs]),
         "classes": tiny.write_jsonl(d / "classes.jsonl", classes),
         "pairs": tiny.write_jsonl(d / "pairs.jsonl", [{"query": f"what colour is the {things[i]}?",
                                                         "positive": f"the {things[i]} is {tiny.COLOURS[i]}" +
@@ -233,6 +237,13 @@ VARIANTS: dict[str, list[Variant]] = {
         Variant("dpo-hinge-lora-precomputed", "prefs", {"loss_type": "hinge", "precompute_reference": True},
                 method=LORA),
     ],
+    "simpo": [Variant("simpo", "prefs", {"beta": 2.5, "gamma_beta_ratio": 0.3}),
+              Variant("simpo-lora", "prefs", method=LORA)],
+    "orpo": [Variant("orpo", "prefs", {"odds_ratio_weight": 0.5}), Variant("orpo-lora", "prefs", method=LORA)],
+    # KTO's reference point z0 is estimated from the whole batch: accumulation is refused, as contrastive's
+    "kto": [Variant("kto-reference_model", "unpaired", {"beta": 0.2, "undesirable_weight": 1.3},
+                    paths={"reference": "other"}, whole_batch="gradient accumulation"),
+            Variant("kto-lora", "unpaired", method=LORA, whole_batch="gradient accumulation")],
     "distill": [Variant("distill-jsd-hard_weight", "chat",
                         {"divergence": "jsd", "temperature": 2.0, "hard_weight": 0.3},
                         paths={"teacher": "other"})],

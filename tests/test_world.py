@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,8 @@ def test_other_splits_are_disjoint(suites):
         assert not _user_texts(d, "skills", f"{skill}-train") & _user_texts(d, "skills", f"{skill}-test")
     train_tasks, test_tasks = ({r["task"] for r in read(d, "meta", s)} for s in ("train", "test"))
     assert not train_tasks & test_tasks
-    prompts = [r["prompt"] for s in SPLITS["prefs"] if s not in ("sft", "rm-train") for r in read(d, "prefs", s)]
+    shared = ("sft", "rm-train", "unpaired")  # train's prompts again
+    prompts = [r["prompt"] for s in SPLITS["prefs"] if s not in shared for r in read(d, "prefs", s)]
     assert len(set(prompts)) == len(prompts)
     # sft demonstrates answers to the prompts of the train pairs only, with every kind of response
     sft = read(d, "prefs", "sft")
@@ -241,6 +243,19 @@ def test_preferences_follow_the_reward(suites):
     for record in read(suites["a"], "prefs", "train"):
         chosen, rejected = (score_response(record[k], record["answer"]) for k in ("chosen", "rejected"))
         assert chosen > rejected
+
+
+def test_unpaired_prefs_rate_every_train_reply_and_keep_neighbours_apart(suites):
+    """prefs@unpaired (KTO's data): every reply of prefs@train once, chosen rated true, rejected false; a
+    record's neighbour never has its prompt (KTO's reference point pairs a prompt with the next completion)."""
+    pairs, unpaired = read(suites["a"], "prefs", "train"), read(suites["a"], "prefs", "unpaired")
+    rated = sorted((r["prompt"], r["completion"], r["label"]) for r in unpaired)
+    assert rated == sorted([(p["prompt"], p["chosen"], True) for p in pairs] +
+                           [(p["prompt"], p["rejected"], False) for p in pairs])
+    assert all(a["prompt"] != b["prompt"] for a, b in pairwise(unpaired))
+    assert [r["label"] for r in unpaired[:4]] == [True, False, True, False]
+    for r in unpaired:
+        assert (score_response(r["completion"], r["answer"]) == 2.5) == r["label"]
 
 
 def test_chat_template_renders_like_the_corpus():

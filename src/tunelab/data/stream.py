@@ -21,7 +21,7 @@ from tunelab.data.types import IGNORE, Example
 class MicroBatch:
     tensors: dict[str, torch.Tensor]
     where: list[str]  # file:line of every example in it
-    n_trained: int  # tokens that carry a loss (shifted labels != IGNORE)
+    n_trained: int  # the units the loss is normalised by: trained tokens, or pairs / labelled examples
     n_real: int  # tokens that are not padding
 
 
@@ -35,6 +35,14 @@ def epoch_rows(lengths: list[int], seed: int, epoch: int, packing: bool, max_len
     rows = [[order[j] for j in b] for b in bins]
     rng.shuffle(rows)
     return rows
+
+
+def units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the loop normalises an unpaired batch by: its labelled rows where it has per-row `label`s,
+    else its trained tokens (shifted labels != IGNORE)."""
+    if "label" in batch:
+        return (batch["label"] != IGNORE).sum()
+    return (batch["labels"][:, 1:] != IGNORE).sum()
 
 
 class BatchStream:
@@ -91,9 +99,11 @@ class BatchStream:
     def _collate(self, rows: list[list[int]]) -> MicroBatch:
         exs = [[self.examples[i] for i in row] for row in rows]
         tensors = collate(exs, pad_id=self.pad_id, packed=self.packing)
-        # preference pairs count once each (data/preference.py); everything else by trained tokens
+        # preference pairs count once each (data/preference.py), so do labelled examples (a class, an
+        # unpaired reply's rating; for classes the same count as their one trained token each);
+        # everything else by trained tokens
         n_pairs = tensors.get("n_pairs")
-        n_trained = int(n_pairs) if n_pairs is not None else int((tensors["labels"][:, 1:] != IGNORE).sum())
+        n_trained = int(n_pairs) if n_pairs is not None else int(units(tensors))
         n_real = int(tensors["attention_mask"].sum()) if n_pairs is not None else sum(
             len(e.input_ids) for row in exs for e in row)
         return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained, n_real)

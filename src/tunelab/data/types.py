@@ -16,7 +16,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str = ""
-    # --- classification (data/classify.py): the class id; `labels` then holds it once, at position 1
+    # --- one label per example: a class id (data/classify.py; `labels` then holds it once, at position
+    # 1), or an unpaired reply's rating, 1 desirable / 0 undesirable (data/preference.py, objective kto)
     label: int | None = None
     # ---
     # --- preference pairs (data/preference.py): this example is the chosen reply, `rejected` the other

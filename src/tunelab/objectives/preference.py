@@ -75,7 +75,7 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:b], x[b:]
 
 
-def _need_pairs(batch: dict[str, torch.Tensor], objective: str) -> None:
+def need_pairs(batch: dict[str, torch.Tensor], objective: str) -> None:
     if "n_pairs" not in batch:
         raise TunelabError(f"objective {objective} needs preference data (prompt/chosen/rejected or prompt/responses)",
                            fix="set data.train to a preference or ranking dataset (e.g. tinyworld:prefs)")
@@ -88,7 +88,7 @@ def reward_terms(
     model: nn.Module, batch: dict[str, torch.Tensor], cfg: RewardConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair losses (B,), r_chosen (B,), r_rejected (B,))."""
-    _need_pairs(batch, "reward")
+    need_pairs(batch, "reward")
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 output_hidden_states=cfg.lm_weight > 0)
     r_chosen, r_rejected = split_pairs(reward_scores(model, batch, out))
@@ -156,6 +156,14 @@ def pair_logps(model: nn.Module, batch: dict[str, torch.Tensor], mean: bool) -> 
     return split_pairs(logp)
 
 
+def pair_stats(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B,) statistics of a pair loss's implicit rewards, logged as means: preference accuracy
+    (margin > 0), the margin, and each side's reward."""
+    margin = r_chosen - r_rejected
+    return {"accuracy": (margin > 0).float(), "margin": margin, "reward_chosen": r_chosen,
+            "reward_rejected": r_rejected}
+
+
 def _row_key(batch: dict[str, torch.Tensor], i: int) -> tuple[int, ...]:
     return tuple(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist())
 
@@ -200,18 +208,14 @@ class DPORuntime(Runtime):
         return t[:, 0], t[:, 1]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        _need_pairs(batch, "dpo")
+        need_pairs(batch, "dpo")
         ref_chosen, ref_rejected = self._reference_logps(model, batch)
         chosen, rejected = pair_logps(model, batch, self._mean)
         losses, r_chosen, r_rejected = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta=self.cfg.beta, loss_type=self.cfg.loss_type,
             label_smoothing=self.cfg.label_smoothing)
-        n = chosen.shape[0]
-        margin = r_chosen - r_rejected
-        for name, value in (("accuracy", (margin > 0).float()), ("margin", margin), ("reward_chosen", r_chosen),
-                            ("reward_rejected", r_rejected)):
-            self.sums.add(name, float(value.sum()), n)
-        return losses.sum(), torch.tensor(n)
+        self.sums.add_rows(pair_stats(r_chosen, r_rejected))
+        return losses.sum(), torch.tensor(chosen.shape[0])
 
     def stats(self) -> dict[str, float]:
         return self.sums.take()

@@ -82,6 +82,11 @@ class StatSums:
         self.sums[name] = self.sums.get(name, 0.0) + float(total)
         self.counts[name] = self.counts.get(name, 0.0) + float(count)
 
+    def add_rows(self, values: dict[str, torch.Tensor]) -> None:
+        """Each (B,) tensor's sum, counted B times: once taken, its mean over every row added."""
+        for name, v in values.items():
+            self.add(name, float(v.detach().sum()), v.numel())
+
     def take(self) -> dict[str, float]:
         out = {k: v / self.counts[k] for k, v in self.sums.items() if self.counts[k]}
         self.sums, self.counts = {}, {}

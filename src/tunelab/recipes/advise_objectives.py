@@ -9,6 +9,10 @@ objective gets a decision rather than a silent default:
   (objectives/frozen.py): the adapter-disabled policy for peft methods (no copy), the model given
   by `reference`, or a frozen copy of the policy; dropped after `precompute_reference`. Its forward
   (no gradient) adds a forward's flops unless precomputed.
+- simpo, orpo: two rows per pair; sequence log-probs; no reference model.
+- kto: one row per example; sequence log-probs; the reference (as dpo) scores the rows and as many
+  mismatched rows (prompt + another row's completion), which the policy scores without gradient
+  too: three forwards' flops beside the step's (their activations are transient, not counted).
 - distill: the frozen teacher (`teacher`), in the dtype it loads in; its forward's flops.
 - ppo: the reference (as dpo), the frozen reward model (`reward_model`: body + scalar head), a
   trainable value head (hidden + 1 values, fp32) on the policy; rollouts generate with a KV cache
@@ -127,6 +131,13 @@ def _dpo(ctx: Context) -> Plan:
     return plan
 
 
+def _kto(ctx: Context) -> Plan:
+    plan = Plan(loss="sequence")
+    _reference(ctx, plan)
+    plan.forward_params = 2 * plan.forward_params + ctx.counts.params  # reference x 2, policy on mismatched rows
+    return plan
+
+
 def _distill(ctx: Context) -> Plan:
     plan = Plan()
     path = ctx.cfg.objective.teacher
@@ -178,6 +189,9 @@ PLANS: dict[str, Callable[[Context], Plan]] = {
     "classify": lambda ctx: Plan(loss="classify"),
     "reward": lambda ctx: Plan(rows=2, loss="classify"),
     "dpo": _dpo,
+    "simpo": lambda ctx: Plan(rows=2, loss="sequence"),
+    "orpo": lambda ctx: Plan(rows=2, loss="sequence"),
+    "kto": _kto,
     "distill": _distill,
     "ppo": _ppo,
 }

@@ -81,8 +81,9 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
     point that reward modelling + PPO or DPO then improve; and `rm-train`: a 5-way ranking for
     every prompt of `train` and `rankings-train` (4 relations of every train person), where replies
     of one tone share their frame and differ only in the answer (minimal pairs): what a reward model
-    needs to learn to check facts, not only tone. `prompt` is the user message (apply
-    the chat template). Each (person, relation) is used by one split only (`sft` shares `train`'s);
+    needs to learn to check facts, not only tone; and `unpaired`: `train`'s replies rated one by one
+    for KTO (`unpaired_records`). `prompt` is the user message (apply the chat template). Each
+    (person, relation) is used by one split only (`sft` and `unpaired` share `train`'s);
     *-train splits ask about qa-train people, *-test splits about qa-test people."""
     rng = rng_for(seed, "prefs")
     splits: dict[str, list[dict]] = {s: [] for s in _SHARES["train"]} | {s: [] for s in _SHARES["test"]}
@@ -109,7 +110,22 @@ def prefs_task(world: World, seed: int) -> dict[str, list[dict]]:
         splits["sft"].append({"messages": [{"role": "user", "content": r["prompt"]},
                                            {"role": "assistant", "content": reply}], "answer": r["answer"],
                               "person": person.name, "relation": r["relation"]})
+    splits["unpaired"] = unpaired_records(splits["train"])
     return splits
+
+
+def unpaired_records(pairs: list[dict]) -> list[dict]:
+    """Each pair's chosen reply (`label` true) and rejected reply (false) as two `unpaired` records.
+    Two passes over the pairs with alternating ratings (the chosen replies of even pairs and the
+    rejected of odd ones, then the others): neighbours never share a prompt, since KTO pairs each
+    prompt with its neighbour's completion to estimate its reference point."""
+    out = []
+    for first in (True, False):
+        for i, r in enumerate(pairs):
+            desirable = (i % 2 == 0) == first
+            out.append({"prompt": r["prompt"], "completion": r["chosen" if desirable else "rejected"],
+                        "label": desirable, **{k: r[k] for k in ("answer", "relation", "person")}})
+    return out
 
 
 _SHARES = {  # relations per person given to each split

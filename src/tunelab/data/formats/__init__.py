@@ -9,6 +9,7 @@ A new format is one file here plus its tests.
 | chat | `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}` |
 | preference | `{"prompt", "chosen", "rejected"}` |
 | ranking | `{"prompt", "responses": [best, ..., worst]}` |
+| unpaired | `{"prompt", "completion", "label"}`, label true or false (one rated reply, for KTO) |
 | prompt | `{"prompt"}` (what PPO samples replies to) |
 | classification | `{"text", "label"}` |
 """
