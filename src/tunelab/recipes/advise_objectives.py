@@ -5,6 +5,8 @@ objective gets a decision rather than a silent default:
 - lm, sft: nothing; the token-NLL loss.
 - classify: nothing; a small classification head instead of the LM head's logits.
 - reward: two rows per pair (chosen and rejected); a scalar head.
+- contrastive: two rows per pair (query and passage); no LM-head logits (the body's mean-pooled
+  states and a B x B similarity matrix), counted as a small head.
 - dpo: two rows per pair; sequence log-probs over every position; the reference model
   (objectives/frozen.py): the adapter-disabled policy for peft methods (no copy), the model given
   by `reference`, or a frozen copy of the policy; dropped after `precompute_reference`. Its forward
@@ -188,6 +190,9 @@ PLANS: dict[str, Callable[[Context], Plan]] = {
     "sft": lambda ctx: Plan(),
     "classify": lambda ctx: Plan(loss="classify"),
     "reward": lambda ctx: Plan(rows=2, loss="classify"),
+    "contrastive": lambda ctx: Plan(rows=2, loss="classify", notes=[
+        "contrastive: query and passage rows through the body only (mean-pooled states, no LM-head logits); "
+        "counted as a small head"]),
     "dpo": _dpo,
     "simpo": lambda ctx: Plan(rows=2, loss="sequence"),
     "orpo": lambda ctx: Plan(rows=2, loss="sequence"),
