@@ -195,6 +195,10 @@ COMMANDS: dict[str, str] = {
     "tunelab rag index --docs tasks/new-facts/knowledge.jsonl --out runs/rag --add": RUN,
     "tunelab rag index --docs tasks/new-facts/knowledge.txt --per-line --out runs/rag-dense --dense": RUN,
     'tunelab rag query runs/rag-dense "What is the hobby of Hilde Moretti?" --retriever hybrid --json': RUN,
+    # README: adapting without training
+    'tunelab rag query runs/kb "Which hobby does Agnes Dietrich have?"': RUN,
+    "tunelab eval tunelab-tiny --task tinyworld:new-facts@test --rag runs/kb --icl-k 4": RUN,
+    "python bench/nonparametric.py": BENCH,
     # docs/nonparametric.md
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@paraphrases --icl-k 8 --icl select=similar": RUN,
     "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb": RUN,
