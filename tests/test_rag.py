@@ -122,6 +122,21 @@ def test_hnsw_recall_on_random_vectors(tmp_path):
         DenseIndex(4, "ivf")
 
 
+def test_hnsw_search_widens_with_the_index_unless_set():
+    from tunelab.nonparametric.retrieve import ef_for
+
+    assert [ef_for(n) for n in (0, 99_999, 100_000, 499_999, 500_000, 10**7)] == [128, 128, 512, 512, 2048, 2048]
+    ix = DenseIndex(8, "hnsw")
+    ix.add(np.random.default_rng(2).normal(size=(50, 8)))
+    assert ix.ef_search == 128
+    ix.search(np.ones((1, 8)), 3)
+    assert ix._hnsw.efSearch == 128  # what the search used
+    ix.ef_search = 700
+    ix.search(np.ones((1, 8)), 3)
+    assert ix.ef_search == 700 and ix._hnsw.efSearch == 700
+    assert DenseIndex(8, "exact").ef_search is None
+
+
 # ---------------------------------------------------------------------------- chunking
 
 
