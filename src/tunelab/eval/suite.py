@@ -46,10 +46,7 @@ def evaluate_task(
     model, tok = load_model_or_run(model_or_run)
     if not tech.active:
         return evaluate_records(model, tok, records, kind=kind, batch_size=batch_size, labels=labels)
-    budgets = [c.max_length for c in (tech.icl, tech.rag) if c.max_length]
-    context = getattr(model.config, "max_position_embeddings", 1024)
-    records, counts = augment.apply(records, tok, tech, budget=min(budgets or [context]) - MAX_NEW_TOKENS,
-                                    where=str(path))
+    records, counts = augment.apply(records, tok, tech, budget=tech.budget(model, MAX_NEW_TOKENS), where=str(path))
     return {**evaluate_records(model, tok, records, kind=kind, batch_size=batch_size), **counts,
             "technique": tech.name}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,13 @@ class Technique:
     @property
     def active(self) -> bool:
         return self.selector is not None or self.index is not None
+
+    def budget(self, model: Any, reply_tokens: int) -> int:
+        """The prompt's token budget: the smallest `max_length` set, else the model's context, less
+        the tokens kept for the reply."""
+        limits = [c.max_length for c in (self.icl, self.rag) if c.max_length]
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 1024
+        return min(limits or [context]) - reply_tokens
 
     @property
     def name(self) -> str:
@@ -154,9 +161,7 @@ class _Stats:
     found: int = 0
     reciprocal_ranks: float = 0.0
     scored: int = 0
-
-    def __post_init__(self) -> None:
-        self.latencies: list[float] = []
+    latencies: list[float] = field(default_factory=list)
 
     def add(self, tokens: int, hits: list[Hit] | None, kept_hits: list[Hit], shots: list[Shot],
             kept_shots: list[Shot]) -> None:

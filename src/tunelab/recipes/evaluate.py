@@ -135,9 +135,8 @@ def generate(
         if not (chat and tok.chat_template):
             raise TunelabError("in-context learning and RAG build chat prompts; this one is raw text",
                                fix="drop --no-chat, or use a model whose tokenizer has a chat template")
-        budgets = [c.max_length for c in (tech.icl, tech.rag) if c.max_length]
-        budget = min(budgets or [getattr(model.config, "max_position_embeddings", 1024)]) - max_new_tokens
-        (record,), _ = augment.apply([{"prompt": prompt, "answer": ""}], tok, tech, budget=budget)
+        (record,), _ = augment.apply([{"prompt": prompt, "answer": ""}], tok, tech,
+                                     budget=tech.budget(model, max_new_tokens))
         ids = encode_prompt(tok, record["messages"][:-1], chat=True)
     else:
         ids = encode_prompt(tok, prompt, chat=chat and bool(tok.chat_template))
