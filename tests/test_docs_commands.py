@@ -199,6 +199,9 @@ COMMANDS: dict[str, str] = {
     'tunelab rag query runs/kb "Which hobby does Agnes Dietrich have?"': RUN,
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@test --rag runs/kb --icl-k 4": RUN,
     "python bench/nonparametric.py": BENCH,
+    # docs/regimes.md
+    "tunelab train configs/multitask-skills.yaml": RUN,
+    "tunelab data check configs/multitask-skills.yaml": RUN,
     # docs/nonparametric.md
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@paraphrases --icl-k 8 --icl select=similar": RUN,
     "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb": RUN,

@@ -43,9 +43,31 @@ class ModelConfig(Section):
         "the model's own layers, as DistilBERT does; use with method full (the saved model has the kept layers only)")
 
 
+class TaskSource(Section):
+    """One task of a multi-task mixture (O03): an item of `data.train` when it is a list."""
+
+    source: str = Field(description="path: .jsonl/.json/.csv/.parquet, a saved datasets dir or a tinyworld: task")
+    task: str | None = Field(None, description="the task's name in metrics (default: from the source, e.g. "
+                             "tinyworld:skills@sorting-train -> sorting-train)")
+    weight: float | None = Field(None, gt=0, le=1e6, description="sampling weight (p = weight / sum of weights); "
+                                 "give every task one or none")
+    eval: str | None = Field(None, description="this task's evaluation data: eval_<task>_loss at every eval")
+
+    def name(self) -> str:
+        if self.task is not None:
+            return self.task
+        tail = self.source.rsplit("@", 1)[1] if "@" in self.source else self.source.split(":")[-1]
+        return Path(tail).stem if "/" in tail or "." in tail else tail
+
+
 class DataConfig(Section):
-    train: str | None = Field(None, description="path: .jsonl/.json/.csv/.parquet or a saved datasets dir")
+    train: str | list[str | TaskSource] | None = Field(
+        None, description="path: .jsonl/.json/.csv/.parquet or a saved datasets dir; or a list of them (multi-task: "
+        "items `{source, task, weight, eval}`), sampled by `weight` or by size with `temperature`")
     eval: str | None = None
+    temperature: float = Field(
+        1.0, gt=0, le=1e6, description="multi-task sampling without weights: p(task) proportional to n^(1/T) "
+        "(1: proportional to size, large: uniform over tasks)")
     format: str = Field("auto", description="auto (detected), or a registered format (data/formats/): text, "
                         "instruction, chat, preference, ranking, prompt, classification")
     max_length: int = Field(512, gt=1, le=10**7)
@@ -64,6 +86,41 @@ class DataConfig(Section):
     )
     cache: bool = Field(True, description="keep the tokenized data in $TUNELAB_CACHE/data, keyed by the files' "
                         "bytes, these settings and the tokenizer: a second run on the same data skips tokenizing")
+
+
+    @field_validator("train")
+    @classmethod
+    def _mixture(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        if not v:
+            raise ValueError("an empty list of training sources; give a path, or one item per task")
+        items = [TaskSource(source=x) if isinstance(x, str) else x for x in v]
+        names = [t.name() for t in items]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"task name{'s' if len(twice) > 1 else ''} {', '.join(map(repr, twice))} given to more "
+                             "than one source; set `task:` on each item to tell them apart")
+        weighted = [t.weight is not None for t in items]
+        if any(weighted) and not all(weighted):
+            raise ValueError("some tasks have a weight and some do not; give every task a weight, or none (then "
+                             "data.temperature sets the mix)")
+        return items
+
+    @model_validator(mode="after")
+    def _one_kind_of_eval(self) -> DataConfig:
+        if self.eval is not None and any(t.eval is not None for t in self.tasks()):
+            raise ValueError("data.eval and per-task `eval:` are both set; evaluate per task (the overall eval loss is "
+                             "their token-weighted mean) or on data.eval, not both")
+        return self
+
+    def tasks(self) -> list[TaskSource]:
+        """The tasks of a multi-task `train` list ([] for a single source)."""
+        return list(self.train) if isinstance(self.train, list) else []  # type: ignore[arg-type]
+
+    def for_task(self, task: TaskSource) -> DataConfig:
+        """This data section with one task's source as `train` and its `eval`."""
+        return self.model_copy(update={"train": task.source, "eval": task.eval})
 
 
 class ICLConfig(Section):

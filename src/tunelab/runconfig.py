@@ -63,8 +63,19 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _mixture_fits(self) -> RunConfig:
+        if not self.data.tasks():
+            return self
+        if self.objective.name not in MIXING_OBJECTIVES:
+            raise ValueError(f"data.train: a multi-task list mixes {', '.join(MIXING_OBJECTIVES)} data; objective "
+                             f"{self.objective.name} takes one source (merge its files into one)")
+        if self.rag.train:
+            raise ValueError("rag.train augments one training source; a multi-task list is not supported with it")
+        return self
+
+    @model_validator(mode="after")
     def _select_best_needs_eval(self) -> RunConfig:
-        if self.train.select_best and self.data.eval is None:
+        if self.train.select_best and self.data.eval is None and not any(t.eval for t in self.data.tasks()):
             raise ValueError("train.select_best needs evaluation data to select by: set data.eval (e.g. a "
                              "validation split), or train.select_best=false")
         return self
@@ -77,6 +88,9 @@ class RunConfig(Section):
         d = self.to_dict()
         part = {k: d[k] for k in (sections or d)}
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()
+
+
+MIXING_OBJECTIVES = ("lm", "sft", "distill")  # objectives whose data a multi-task list may mix
 
 
 def method_config(value: Any) -> MethodConfig:

@@ -19,15 +19,19 @@ MAX_LISTED = 50
 
 
 def check_report(cfg: DataConfig, tokenizer: Any, mask_prompt: bool) -> dict[str, Any]:
-    """A JSON-able report on `cfg.train` (with one rendered example) and `cfg.eval` when set."""
+    """A JSON-able report on `cfg.train` (with one rendered example) and `cfg.eval` when set; for a
+    multi-task list, one `train:<task>` (and `eval:<task>`) entry per task."""
     report: dict[str, Any] = {}
-    for split, path in (("train", cfg.train), ("eval", cfg.eval)):
+    parts = [(f"{split}:{t.name()}", cfg.for_task(t), split) for t in cfg.tasks() for split in ("train", "eval")] \
+        or [(split, cfg, split) for split in ("train", "eval")]
+    for key, part, split in parts:
+        path = part.train if split == "train" else part.eval
         if path is None:
             continue
-        out = cached_build(resolve_source(path), cfg, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
-        report[split] = _split_report(out, cfg)
+        out = cached_build(resolve_source(path), part, tokenizer, mask_prompt, FORMATS, log=lambda _msg: None)
+        report[key] = _split_report(out, part)
         if split == "train":
-            report[split]["example"] = _example_view(out.kept[0], tokenizer) if out.kept else None
+            report[key]["example"] = _example_view(out.kept[0], tokenizer) if out.kept else None
     if not report:
         report["note"] = "data.train and data.eval are both unset"
     return report
@@ -110,9 +114,9 @@ def format_check_report(report: dict[str, Any]) -> str:
     lines: list[str] = []
     if "note" in report:
         lines.append(report["note"])
-    for split in ("train", "eval"):
-        if split in report:
-            lines += _format_split(split, report[split])
+    for key, part in report.items():
+        if key != "note":
+            lines += _format_split(key, part)
     return "\n".join(lines)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tunelab.data.collate import collate, pack
+from tunelab.data.mixture import mixture_order
 from tunelab.data.types import IGNORE, Example
 
 
@@ -25,10 +27,13 @@ class MicroBatch:
     n_real: int  # tokens that are not padding
 
 
-def epoch_rows(lengths: list[int], seed: int, epoch: int, packing: bool, max_length: int) -> list[list[int]]:
+def epoch_rows(lengths: list[int], seed: int, epoch: int, packing: bool, max_length: int,
+               order: list[int] | None = None) -> list[list[int]]:
+    """One epoch's rows of example indices: `order` (default: a shuffle of all), packed when `packing`."""
     rng = random.Random(f"{seed}/{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
+    if order is None:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
     if not packing:
         return [[i] for i in order]
     bins = pack([lengths[i] for i in order], max_length)
@@ -107,3 +112,29 @@ class BatchStream:
         n_real = int(tensors["attention_mask"].sum()) if n_pairs is not None else sum(
             len(e.input_ids) for row in exs for e in row)
         return MicroBatch(tensors, [e.where for row in exs for e in row], n_trained, n_real)
+
+
+class MixtureStream(BatchStream):
+    """A BatchStream over a multi-task mixture (data/mixture.py): each epoch's order is the mixture's,
+    and every batch carries `task_ids` (B, T), the task index of each token (-1 on padding)."""
+
+    def __init__(self, examples: list[Example], *, task_of: list[int], probs: list[float], **kw: Any):
+        self.task_of, self.probs = task_of, probs
+        super().__init__(examples, **kw)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        order = mixture_order(self.task_of, self.probs, self.seed, epoch)
+        return epoch_rows(self.lengths, self.seed, epoch, self.packing, self.max_length, order)
+
+    def _collate(self, rows: list[list[int]]) -> MicroBatch:
+        mb = super()._collate(rows)
+        ids = mb.tensors["input_ids"]
+        task_ids = torch.full(ids.shape, -1, dtype=torch.long)  # (B, T)
+        for b, row in enumerate(rows):
+            t = 0
+            for i in row:
+                n = self.lengths[i]
+                task_ids[b, t:t + n] = self.task_of[i]
+                t += n
+        mb.tensors["task_ids"] = task_ids
+        return mb

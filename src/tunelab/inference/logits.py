@@ -21,6 +21,15 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return loss_sum, (shift_labels != IGNORE).sum()
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token NLL (B, T-1), 0 where untrained, and the trained mask (B, T-1):
+    `token_nll_sum` unreduced, for losses split by task (multi-task runs log each task's loss)."""
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE,
+                          reduction="none")  # (B, T-1)
+    return nll, shift_labels != IGNORE
+
+
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (B, T, V) for the batch's T tokens. Prompt-learning models (prompt tuning, P-tuning)
     prepend virtual-token positions to their logits; those are dropped. use_cache=False: with no KV

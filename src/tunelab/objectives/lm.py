@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tunelab.config import ObjectiveConfig
-from tunelab.inference.logits import forward_logits, token_nll_sum
+from tunelab.inference.logits import forward_logits, token_nll, token_nll_sum
 from tunelab.objectives.registry import register_objective
 
 
@@ -29,11 +29,17 @@ def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: objec
     return token_nll_sum(forward_logits(model, batch), batch["labels"])
 
 
+def next_token_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_nll(forward_logits(model, batch), batch["labels"])
+
+
 register_objective(
     "lm", LMConfig, formats=("text", "instruction", "chat"), mask_prompt=False,
-    summary="continued pretraining: next-token loss on every token",
+    summary="continued pretraining: next-token loss on every token", token_loss=next_token_losses,
 )(next_token_loss)
 register_objective(
     "sft", SFTConfig, formats=("instruction", "chat", "text"), mask_prompt=True,
-    summary="supervised fine-tuning: loss on assistant turns and their end-of-turn token",
+    summary="supervised fine-tuning: loss on assistant turns and their end-of-turn token", token_loss=next_token_losses,
 )(next_token_loss)

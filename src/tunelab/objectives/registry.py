@@ -24,6 +24,8 @@ from torch import nn
 from tunelab.config import ObjectiveConfig
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], Any], tuple[torch.Tensor, torch.Tensor]]
+# (model, batch, cfg) -> per-position loss (B, T-1) and its trained mask (B, T-1): the loss unreduced
+TokenLossFn = Callable[[nn.Module, dict[str, torch.Tensor], Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -37,20 +39,32 @@ class RunContext:
     say: Callable[[str], Any] = print
     examples: list[Any] = field(default_factory=list)  # the training examples (data.types.Example)
     pad_id: int = 0
+    tasks: list[str] = field(default_factory=list)  # multi-task runs: the task names, by `task_ids` index
 
 
 class Runtime:
     """Default runtime: the registered stateless loss. Subclasses override what they need."""
 
-    def __init__(self, fn: LossFn, cfg: Any):
-        self.fn, self.cfg = fn, cfg
+    def __init__(self, fn: LossFn, cfg: Any, token_fn: TokenLossFn | None = None, tasks: list[str] | None = None):
+        self.fn, self.cfg, self.token_fn, self.tasks = fn, cfg, token_fn, tasks or []
+        self.task_sums = StatSums()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fn(model, batch, self.cfg)
+        task_ids = batch.get("task_ids")  # (B, T): a multi-task batch (data/stream.MixtureStream)
+        if task_ids is None or self.token_fn is None:
+            return self.fn(model, batch, self.cfg)
+        nll, mask = self.token_fn(model, batch, self.cfg)  # (B, T-1) each
+        predicted = task_ids[:, 1:]  # the task of the token each position predicts
+        for t, name in enumerate(self.tasks):
+            sel = mask & (predicted == t)
+            if bool(sel.any()):
+                self.task_sums.add(f"loss_{name}", float(nll.detach()[sel].sum()), float(sel.sum()))
+        return (nll * mask).sum(), mask.sum()
 
     def stats(self) -> dict[str, float]:
-        """Statistics accumulated since the last call (then reset), logged with the step or eval."""
-        return {}
+        """Statistics accumulated since the last call (then reset), logged with the step or eval; in a
+        multi-task run, `loss_<task>`: each task's mean loss per trained token over the step."""
+        return self.task_sums.take()
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state saved in checkpoints (e.g. an adaptive KL coefficient)."""
@@ -102,9 +116,12 @@ class ObjectiveSpec:
     mask_prompt: bool  # train only on completions (assistant turns) rather than every token
     summary: str
     runtime: Callable[[RunContext], Runtime] | None = None  # stateful objectives (see the module docstring)
+    token_loss: TokenLossFn | None = None  # the loss unreduced: multi-task runs log it per task
 
     def make_runtime(self, ctx: RunContext) -> Runtime:
-        return self.runtime(ctx) if self.runtime is not None else Runtime(self.loss, ctx.cfg.objective)
+        if self.runtime is not None:
+            return self.runtime(ctx)
+        return Runtime(self.loss, ctx.cfg.objective, self.token_loss, ctx.tasks)
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -118,11 +135,12 @@ def register_objective(
     mask_prompt: bool,
     summary: str,
     runtime: Callable[[RunContext], Runtime] | None = None,
+    token_loss: TokenLossFn | None = None,
 ) -> Callable[[LossFn], LossFn]:
     def deco(fn: LossFn) -> LossFn:
         if name in OBJECTIVES:
             raise RuntimeError(f"objective {name!r} registered twice")
-        OBJECTIVES[name] = ObjectiveSpec(name, config_cls, fn, formats, mask_prompt, summary, runtime)
+        OBJECTIVES[name] = ObjectiveSpec(name, config_cls, fn, formats, mask_prompt, summary, runtime, token_loss)
         return fn
 
     return deco

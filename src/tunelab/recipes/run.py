@@ -13,13 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from tunelab import owned
 from tunelab.artifacts import save_artifact
 from tunelab.config import DataConfig, deep_merge, parse_overrides, read_yaml
+from tunelab.data.mixture import load_mixture
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.report import check_report
+from tunelab.data.types import TokenizedData
 from tunelab.errors import ResumeError, TunelabError
 from tunelab.faults import fault_point
 from tunelab.methods import METHODS, count_parameters
@@ -133,6 +135,7 @@ def train(
     config: ConfigLike, overrides: list[str] | None = None, *, resume: bool = False,
     allow_changed: bool = False, overwrite: bool = False, quiet: bool = False, force: bool = False,
     model: nn.Module | None = None, on_event: EventHook | None = None, resume_from: str | None = None,
+    apply_method: bool = True, penalty: Callable[[nn.Module], Tensor] | None = None,
 ) -> TrainResult:
     """Train per the config; returns the run directory, its status and final metrics.
 
@@ -142,19 +145,21 @@ def train(
     method is applied to it in place. `on_event`: called with every training/events.py Event.
     `resume_from`: resume from this checkpoint (`step-N`) rather than the newest, e.g. one before a
     divergence; the later checkpoints are replaced as the run reaches their steps again.
+    `apply_method=False`: `model` already has the method applied (a continual stage training the same
+    adapter further). `penalty(model)`: a term added to every step's loss (continual learning's EWC).
 
     SIGTERM/SIGINT anywhere in the command: before the loop or during a step, the run checkpoints
     and returns "interrupted" (exit 75, `--resume` continues); once every step is done, the final
     model is still written and the run returns "completed" (exit 0); a second signal stops at once."""
     with StopSignal() as stop:
         return _train(config, overrides, resume or resume_from is not None, allow_changed, overwrite, quiet, force,
-                      model, on_event, stop, resume_from)
+                      model, on_event, stop, resume_from, apply_method, penalty)
 
 
 def _train(
     config: ConfigLike, overrides: list[str] | None, resume: bool, allow_changed: bool, overwrite: bool,
     quiet: bool, force: bool, model: nn.Module | None, on_event: EventHook | None, stop: StopSignal,
-    resume_from: str | None = None,
+    resume_from: str | None = None, apply_method: bool = True, penalty: Callable[[nn.Module], Tensor] | None = None,
 ) -> TrainResult:
     cfg = resolve_config(config, overrides)
     if cfg.data.train is None:
@@ -170,11 +175,18 @@ def _train(
     kw = {"mask_prompt": objective.mask_prompt, "formats": objective.formats, "log": reporter.say}
     if getattr(cfg.objective, "labels", None) is not None:  # classification: the class order
         kw["labels"] = cfg.objective.labels
-    data = _with_passages(cfg, run_dir, tokenizer, reporter.say)
-    train_data = load_tokenized(data, "train", tokenizer, **kw)
-    eval_data = load_tokenized(data, "eval", tokenizer, **kw) if cfg.data.eval else None
+    mixture = load_mixture(cfg.data, tokenizer, **kw) if cfg.data.tasks() else None
+    if mixture is not None:
+        train_data = TokenizedData(mixture.examples, mixture.fingerprint)
+        held = [ex for examples in mixture.eval.values() for ex in examples]
+        eval_data = TokenizedData(held, "") if held else None
+    else:
+        data = _with_passages(cfg, run_dir, tokenizer, reporter.say)
+        train_data = load_tokenized(data, "train", tokenizer, **kw)
+        eval_data = load_tokenized(data, "eval", tokenizer, **kw) if cfg.data.eval else None
 
-    model = METHODS[cfg.method.name].apply(model if model is not None else load_model(cfg.model), cfg.method)
+    if model is None or apply_method:
+        model = METHODS[cfg.method.name].apply(model if model is not None else load_model(cfg.model), cfg.method)
     trainable, total = count_parameters(model)
     reporter.say(
         f"{cfg.method.name} on {cfg.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
@@ -182,7 +194,7 @@ def _train(
     )
     save_config(cfg, run_dir / "config.yaml")
     loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
-                tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event, stop)
+                tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event, stop, mixture, penalty)
     if loop.planned_epochs() > ABSURD_EPOCHS:
         reporter.say(f"warning: this run makes {loop.planned_epochs():,.0f} passes over {len(train_data.examples):,} "
                      f"training examples ({loop.total_steps:,} steps x grad_accum {cfg.train.grad_accum}); check "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunelab.data.stream import BatchStream, MicroBatch
+from tunelab.data.mixture import Mixture
+from tunelab.data.stream import BatchStream, MicroBatch, MixtureStream
 from tunelab.data.types import Example
 from tunelab.errors import EXIT_RESUMABLE
 from tunelab.inference.loss import evaluate_loss
@@ -79,6 +82,9 @@ class Loop:
     tokenizer: Any = None
     on_event: EventHook | None = None  # training/events.py: watch the run (recipes, compare, UI)
     stop: StopSignal | None = None  # the command's signal handler, when it installed one before the loop
+    mixture: Mixture | None = None  # multi-task runs (data/mixture.py): tasks, probabilities, per-task eval
+    # a regularizer of the model added to every step's loss (continual learning's EWC), beside the method's own
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None
     accelerator: Accelerator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,14 +101,16 @@ class Loop:
         )
         self.method = METHODS[self.cfg.method.name]
         self.objective = OBJECTIVES[self.cfg.objective.name]
+        mix = self.mixture
         self.runtime = self.objective.make_runtime(
             RunContext(self.cfg, self.model, self.tokenizer, self.accelerator.device, self.reporter.say,
-                       self.train_data, self.pad_id))
-        self.stream = self.runtime.stream(BatchStream(
-            self.train_data, batch_size=t.batch_size, packing=self.cfg.data.packing,
-            max_length=self.cfg.data.max_length, seed=t.seed, pad_id=self.pad_id,
-            rank=self.accelerator.process_index, world=self.accelerator.num_processes,
-        ))
+                       self.train_data, self.pad_id, mix.names if mix else []))
+        kw: dict[str, Any] = dict(
+            batch_size=t.batch_size, packing=self.cfg.data.packing, max_length=self.cfg.data.max_length, seed=t.seed,
+            pad_id=self.pad_id, rank=self.accelerator.process_index, world=self.accelerator.num_processes)
+        self.stream = self.runtime.stream(
+            MixtureStream(self.train_data, task_of=mix.task_of, probs=mix.probs, **kw) if mix is not None
+            else BatchStream(self.train_data, **kw))
         self.total_steps = self._total_steps()
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -191,11 +199,18 @@ class Loop:
         # DDP averages gradients over processes: scale so the result is sum / global tokens.
         scale = self.accelerator.num_processes / max(n_total, 1)
         loss = loss_sum * scale
-        penalty = self.method.penalty(self.model, self.cfg.method) if with_penalty else None
+        penalty = self._penalty() if with_penalty else None
         if penalty is not None:  # once per optimizer step, with the last micro-batch (DDP syncs there)
             loss = loss + penalty
         self.accelerator.backward(loss)
         return float(loss_sum.detach()), float(penalty.detach()) if penalty is not None else 0.0
+
+    def _penalty(self) -> torch.Tensor | None:
+        """The method's penalty plus the run's (`penalty`), or None when there is neither."""
+        terms = [p for p in (self.method.penalty(self.model, self.cfg.method),
+                             self.penalty(self.accelerator.unwrap_model(self.model)) if self.penalty else None)
+                 if p is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def train_step(self) -> dict[str, float]:
         t = self.cfg.train
@@ -241,19 +256,37 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         if not self.eval_data:
             return {}
-        own = self.runtime.evaluate(self.accelerator.unwrap_model(self.model), self.eval_data)
+        if self.mixture is not None and self.mixture.eval:
+            out = self._evaluate_tasks(self.mixture.eval)
+        else:
+            out = self._evaluate(self.eval_data)
+        self._emit("eval", out)
+        return out
+
+    def _evaluate(self, examples: list[Example]) -> dict[str, float]:
+        own = self.runtime.evaluate(self.accelerator.unwrap_model(self.model), examples)
         if own is not None:
             self.model.train()
-            out = {f"eval_{k}": v for k, v in own.items()}
-        else:
-            d = self.cfg.data
-            loss = evaluate_loss(
-                self.accelerator.unwrap_model(self.model), self.eval_data, batch_size=self.cfg.train.batch_size,
-                pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
-                loss=self.runtime.loss,
-            )
-            out = {f"eval_{k}": v for k, v in {**loss, **self.runtime.stats()}.items()}
-        self._emit("eval", out)
+            return {f"eval_{k}": v for k, v in own.items()}
+        d = self.cfg.data
+        loss = evaluate_loss(
+            self.accelerator.unwrap_model(self.model), examples, batch_size=self.cfg.train.batch_size,
+            pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
+            loss=self.runtime.loss,
+        )
+        return {f"eval_{k}": v for k, v in {**loss, **self.runtime.stats()}.items()}
+
+    def _evaluate_tasks(self, sets: dict[str, list[Example]]) -> dict[str, float]:
+        """Each task's eval set alone (`eval_loss_<task>`, `eval_tokens_<task>`); `eval_loss` is their mean per
+        token over all of them, `eval_loss_task_mean` the mean over tasks."""
+        out: dict[str, float] = {}
+        for name, examples in sets.items():
+            m = self._evaluate(examples)
+            out[f"eval_loss_{name}"], out[f"eval_tokens_{name}"] = m["eval_loss"], m["eval_tokens"]
+        tokens = sum(out[f"eval_tokens_{n}"] for n in sets)
+        loss = sum(out[f"eval_loss_{n}"] * out[f"eval_tokens_{n}"] for n in sets) / max(tokens, 1.0)
+        out.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50.0)), eval_tokens=tokens,
+                   eval_loss_task_mean=sum(out[f"eval_loss_{n}"] for n in sets) / len(sets))
         return out
 
     def run(self) -> TrainResult:
