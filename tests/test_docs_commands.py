@@ -19,9 +19,10 @@ shell, and why (`rules()` is the only code that changes a command):
   random Llama (4 layers of width 32, as `configs/distill.yaml` keeps layers 0 and 3) with a real
   BPE tokenizer and the ChatML template (tests/tiny.py), through `tunelab.modeling.load.ASSETS`:
   this checks that the commands work, in seconds, not what they measure.
-- `tunelab train` and `tunelab tune` get TRAIN_OVERRIDES appended (the last value of a key wins):
-  2 steps of 2 sequences. Every train of a doc gets the same ones, so a `--resume` finds the config
-  it started with. `tunelab tune` also gets `--trials 2` (the last one given wins).
+- `tunelab train`, `tunelab tune` and `tunelab continual` get TRAIN_OVERRIDES appended (the last value
+  of a key wins): 2 steps of 2 sequences. Every train of a doc gets the same ones, so a `--resume`
+  finds the config it started with. `tunelab tune` also gets `--trials 2` (the last one given wins),
+  `tunelab continual` `continual.eval_limit=4`.
 - `tunelab eval` and `tunelab score` without `--limit` get `--limit 4` (the first 4 records of each
   task, of the probe and of the scored data).
 - A placeholder (PLACEHOLDERS) becomes a real value; `python -m tunelab` is `tunelab`.
@@ -202,6 +203,9 @@ COMMANDS: dict[str, str] = {
     # docs/regimes.md
     "tunelab train configs/multitask-skills.yaml": RUN,
     "tunelab data check configs/multitask-skills.yaml": RUN,
+    "tunelab continual configs/continual-skills.yaml --out runs/continual": RUN,
+    "tunelab continual configs/continual-skills.yaml --out runs/continual-replay continual.strategy=replay": RUN,
+    "tunelab continual configs/continual-skills.yaml --out runs/continual --resume": RUN,
     # docs/nonparametric.md
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@paraphrases --icl-k 8 --icl select=similar": RUN,
     "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb": RUN,
@@ -326,6 +330,8 @@ def rules(argv: list[str]) -> list[str]:
         argv = [*argv, *TRAIN_OVERRIDES]
     if argv[:2] == ["tunelab", "tune"]:
         argv = [*argv, *TUNE_TRIALS]
+    if argv[:2] == ["tunelab", "continual"]:
+        argv = [*argv, *TRAIN_OVERRIDES, "continual.eval_limit=4"]
     if argv[:2] in (["tunelab", "eval"], ["tunelab", "score"]) and "--limit" not in argv:
         argv = [*argv, *LIMIT]
     return argv

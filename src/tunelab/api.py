@@ -11,6 +11,7 @@ from __future__ import annotations
 from tunelab.artifacts import load
 from tunelab.recipes.advise import advise
 from tunelab.recipes.compare import compare
+from tunelab.recipes.continual import continual
 from tunelab.recipes.evaluate import evaluate, evaluate_task, generate, score
 from tunelab.recipes.export import export
 from tunelab.recipes.methods import method_cost, methods
@@ -18,6 +19,6 @@ from tunelab.recipes.rag import rag_index, rag_query
 from tunelab.recipes.run import RUN_ENTRIES, ConfigLike, changed_keys, data_check, resolve_config, train
 from tunelab.recipes.tune import TuneResult, tune
 
-__all__ = ["RUN_ENTRIES", "ConfigLike", "changed_keys", "compare", "data_check", "evaluate", "evaluate_task", "export",
-           "advise", "generate", "load", "method_cost", "methods", "rag_index", "rag_query", "resolve_config", "score",
-           "train", "tune", "TuneResult"]
+__all__ = ["RUN_ENTRIES", "ConfigLike", "changed_keys", "compare", "continual", "data_check", "evaluate",
+           "evaluate_task", "export", "advise", "generate", "load", "method_cost", "methods", "rag_index", "rag_query",
+           "resolve_config", "score", "train", "tune", "TuneResult"]

@@ -59,6 +59,13 @@ def _quick_check(config: str, overrides: list[str]) -> None:
     check_before_import(deep_merge(read_yaml(path), parse_overrides(overrides)), str(path))
 
 
+def config_path_of(config: str) -> str:
+    """A config argument as a file path: itself, or the shipped config of that name."""
+    from tunelab.config import config_path
+
+    return str(config_path(config))
+
+
 def _settings_line(st: dict) -> str:
     trained = "trained tokens only" if st["trained_tokens_only"] else "every token"
     return (f"data settings ({st['source']}): format {st['format']}, max_length {st['max_length']}, packing "
@@ -90,6 +97,22 @@ def train(
     result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,
                        overwrite=overwrite, quiet=quiet, force=force, resume_from=resume_from)
     raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def continual(
+    config: str = typer.Argument(..., help="a continual config: a run config plus stages: and continual:"),
+    overrides: list[str] = OVERRIDES,
+    out: str = typer.Option(..., "--out", help="the folder of the stages' runs, continual.json and matrix.png"),
+    resume: bool = typer.Option(False, "--resume", help="continue in the stage a stopped run was in"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over (only tunelab's own files are deleted)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Continual learning: train the stages in order (naive, replay, ewc, lwf, adapters), score every task
+    after every stage; the accuracy matrix, ACC, BWT and FWT in OUT/continual.json (docs/regimes.md)."""
+    from tunelab import api
+
+    api.continual(config_path_of(config), overrides or [], out=out, resume=resume, overwrite=overwrite, quiet=quiet)
 
 
 @app.command("eval")

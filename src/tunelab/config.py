@@ -379,6 +379,12 @@ METHOD_NAMES = ("adalora", "adapters", "bitfit", "diff_pruning", "dylora", "feat
 OBJECTIVE_NAMES = ("classify", "contrastive", "distill", "dpo", "kto", "lm", "orpo", "ppo", "reward", "sft", "simpo")
 
 
+# Sections of the configs of regimes (recipes over many runs), which `train` does not take
+REGIME_SECTIONS = {"stages": ("a continual-learning", "tunelab continual CONFIG --out DIR"),
+                   "continual": ("a continual-learning", "tunelab continual CONFIG --out DIR"),
+                   "meta": ("a meta-learning", "tunelab meta CONFIG --out DIR")}
+
+
 class _Sections(Section):
     """A whole config's sections but `method` and `objective`, whose keys depend on their registries."""
 
@@ -395,6 +401,10 @@ class _Sections(Section):
 def check_before_import(raw: dict[str, Any], source: str = "<config>") -> None:
     """What can be checked without torch: unknown sections and keys, values of the model, data, train and
     output sections, and the method's and objective's names. The full check (`build_config`) follows."""
+    regime = next((REGIME_SECTIONS[k] for k in REGIME_SECTIONS if k in raw), None)
+    if regime is not None:
+        keys = " and ".join(f"`{k}:`" for k in REGIME_SECTIONS if k in raw)
+        raise ConfigError(f"{source}: {regime[0]} config (it has {keys}); run it with `{regime[1]}`")
     problems = []
     for kind, names in (("method", METHOD_NAMES), ("objective", OBJECTIVE_NAMES)):
         value = raw.get(kind)
