@@ -57,6 +57,8 @@ RUN = "run"
 NETWORK = "network: installs from the package index"
 BENCH = "minutes long; its numbers are published in docs/results/ by this benchmark"
 SUITE = "runs the test suite, which holds this file"
+SERVER = ("a server that runs until stopped, or a request to one: tests/test_serve.py starts it on a socket and "
+          "sends these")
 
 COMPARE = ("trains its cells in child processes, which load the real base (minutes); tests/test_compare.py runs "
            "compare end to end on tiny models")
@@ -206,6 +208,11 @@ COMMANDS: dict[str, str] = {
     "tunelab continual configs/continual-skills.yaml --out runs/continual": RUN,
     "tunelab continual configs/continual-skills.yaml --out runs/continual-replay continual.strategy=replay": RUN,
     "tunelab continual configs/continual-skills.yaml --out runs/continual --resume": RUN,
+    # docs/serve.md
+    "tunelab serve runs/sft-lora --adapter other=runs/other-lora --port 8000": SERVER,
+    "curl -s localhost:8000/v1/models": SERVER,
+    "curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"sft-lora\", "
+    "\"messages\": [{\"role\": \"user\", \"content\": \"Where does Ada Quinn live?\"}]}'": SERVER,
     # docs/nonparametric.md
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@paraphrases --icl-k 8 --icl select=similar": RUN,
     "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb": RUN,

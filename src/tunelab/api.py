@@ -17,8 +17,9 @@ from tunelab.recipes.export import export
 from tunelab.recipes.methods import method_cost, methods
 from tunelab.recipes.rag import rag_index, rag_query
 from tunelab.recipes.run import RUN_ENTRIES, ConfigLike, changed_keys, data_check, resolve_config, train
+from tunelab.recipes.serve import serve
 from tunelab.recipes.tune import TuneResult, tune
 
 __all__ = ["RUN_ENTRIES", "ConfigLike", "changed_keys", "compare", "continual", "data_check", "evaluate",
            "evaluate_task", "export", "advise", "generate", "load", "method_cost", "methods", "rag_index", "rag_query",
-           "resolve_config", "score", "train", "tune", "TuneResult"]
+           "resolve_config", "score", "serve", "train", "tune", "TuneResult"]

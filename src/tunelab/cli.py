@@ -115,6 +115,31 @@ def continual(
     api.continual(config_path_of(config), overrides or [], out=out, resume=resume, overwrite=overwrite, quiet=quiet)
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="run dir, adapter dir, model dir, hub id or tunelab-tiny"),
+    adapters: list[str] = typer.Option(None, "--adapter", help="NAME=RUN: a peft adapter (LoRA-like run or adapter "
+                                       "dir) over the same base, chosen per request by `model`; repeatable"),
+    host: str = typer.Option("127.0.0.1", "--host", help="another address than loopback needs --token"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    token: str | None = typer.Option(None, "--token", envvar="TUNELAB_SERVE_TOKEN",
+                                     help="every request must send `Authorization: Bearer TOKEN`"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming), /v1/models."""
+    from tunelab import api
+
+    named = {}
+    for item in adapters or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{item!r}: write NAME=RUN", param_hint="--adapter")
+        named[name] = path
+    api.serve(model, named, host=host, port=port, token=token, trust_remote_code=trust_remote_code,
+              allow_pickle=allow_pickle)
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run dir, model dir, adapter dir or hub id"),

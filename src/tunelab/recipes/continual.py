@@ -267,7 +267,7 @@ def continual(config: str | Path | dict[str, Any], overrides: list[str] | None =
             f"{n} {v:.3f}" for n, v in zip(names, row, strict=True)))
     state.update(transfer_metrics(state["R"], state["base"]))
     _save(out, state)
-    _plot(out, state)
+    _plot(out, state, say)
     say(f"continual: ACC {state['acc']:.3f}  BWT {state['bwt']:+.3f}  FWT {state['fwt']:+.3f}  ({out}/{STATE}, "
         f"{out}/matrix.png)")
     return state
@@ -424,11 +424,15 @@ def _after_stage(out: Path, spec: ContinualSpec, run: RunConfig, k: int, state: 
         tmp.replace(out / "ewc" / f"stage-{k}.safetensors")
 
 
-def _plot(out: Path, state: dict[str, Any]) -> None:
-    import matplotlib
+def _plot(out: Path, state: dict[str, Any], say: Callable[[str], Any] = print) -> None:
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("continual: matrix.png skipped (matplotlib is not installed: pip install 'tunelab[plot]')")
+        return
 
     R, names = state["R"], state["tasks"]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
