@@ -148,3 +148,19 @@ def test_resume_after_the_phase_change_is_exact(llama_dir, chat_data, trained, t
     a, b = (load_file(str(r / "final" / "method.safetensors")) for r in (trained["run"], tmp_path / "b"))
     assert a.keys() == b.keys() and any(n.endswith("tunelab_mask") for n in a)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_phase_two_starts_with_a_fresh_optimizer(trained):
+    """As the paper's second fine-tuning run: AdamW's moments and step count start over at the phase change."""
+    from tunelab.training import checkpoint
+    from tunelab.training.state import load_tree
+
+    ckpt = checkpoint.latest(trained["run"] / "checkpoints")
+    state = load_tree(ckpt / "optimizer")["state"]
+    assert state and {int(s["step"]) for s in state.values()} == {4 - 2}  # 2 phase-2 steps since the restart
+    # the trainable parameters are exactly the eligible weights, in module order: so is the optimizer's state
+    masks = [m.tunelab_mask for m in trained["model"].modules() if hasattr(m, "tunelab_mask")]
+    firsts = [state[i]["exp_avg"] for i in sorted(state, key=int)]
+    assert [a.shape for a in firsts] == [m.shape for m in masks]
+    assert sum(int((avg[~mask] != 0).sum()) for avg, mask in zip(firsts, masks, strict=True)) == 0
+    assert sum(int((avg[mask] != 0).sum()) for avg, mask in zip(firsts, masks, strict=True)) > 0

@@ -14,7 +14,7 @@ The phases run through the `on_step` hook, because the optimizer is built once f
 parameters that train: all of E trains throughout, and phase 2 is enforced by (1) a gradient
 hook multiplying each gradient by the mask (so clipping sees only the masked gradient) and
 (2) putting theta0 back outside the mask after every optimizer step, which undoes what AdamW's
-weight decay and its moments from phase 1 would otherwise move there. The result differs from
+weight decay would otherwise move there. The result differs from
 the base in exactly the masked entries (`tunelab_changed` records the count). Mergeable: the
 trained weights are plain weights.
 
@@ -27,9 +27,9 @@ Departures from the paper:
 - only the targeted linear weights (and optionally the input embeddings) are eligible and train;
   norms, biases and the output head stay frozen in both phases, where the paper selects over
   (nearly) all parameters;
-- phase 2 continues phase 1's optimizer and learning-rate schedule: the AdamW moments of the
-  masked entries carry over (the hook cannot reach the optimizer), where the paper runs phase 2 as
-  a new fine-tuning run;
+- phase 2 starts with a fresh optimizer, as the paper's new fine-tuning run does (AdamW's moments
+  and step count are cleared after the selection: the `restarts_optimizer` hook), but continues
+  the run's learning-rate schedule rather than starting a new one;
 - the saved artifact holds the eligible weights densely plus the mask, not a sparse vector, and a
   model loaded with `tunelab.load` keeps the theta0 copies (its training form; export --merge for a
   plain model);
@@ -129,6 +129,7 @@ def merge(model: nn.Module, cfg: LtsftConfig) -> nn.Module:
     "ltsft", LtsftConfig, family="sparse", backend="ours", paper="arXiv:2110.07560", mergeable=True,
     summary="dense phase, top-k weights by change, reset, then only those train",
     on_step=on_step, state=_sparse.state_with_count(_count, "ltsft"), merge=merge, identity_at_init=True,
+    restarts_optimizer=lambda cfg, step: step == cfg.phase1_steps,
 )
 def apply(model: nn.Module, cfg: LtsftConfig) -> nn.Module:
     _sparse.freeze(model)

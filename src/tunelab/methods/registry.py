@@ -69,6 +69,9 @@ class MethodSpec:
     identity_at_init: bool = False
     # Which optimizer the loop builds for this config: "adamw" | "paged_adamw_8bit" | "paged_adamw_32bit".
     optimizer: Callable[[Any], str] = lambda cfg: "adamw"
+    # True after the optimizer step where training starts anew: the loop clears the optimizer's state
+    # (AdamW's moments and step count) right after that step's on_step (LT-SFT's phase 2).
+    restarts_optimizer: Callable[[Any, int], bool] = lambda cfg, step: False
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -86,7 +89,8 @@ def register_method(
     **hooks: Any,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register `apply(model, cfg) -> model`. `hooks`: on_step, penalty, artifact, state, merge,
-    identity_at_init (see MethodSpec); peft-backed methods default to the peft artifact."""
+    identity_at_init, optimizer, restarts_optimizer (see MethodSpec); peft-backed methods default to the
+    peft artifact."""
     hooks.setdefault("artifact", "peft" if backend == "peft" else "delta")
 
     def deco(fn: ApplyFn) -> ApplyFn:

@@ -235,6 +235,8 @@ class Loop:
             self.sched.step()
             self.step += 1
             self.method.on_step(self.accelerator.unwrap_model(self.model), self.cfg.method, self.step)
+            if self.method.restarts_optimizer(self.cfg.method, self.step):  # a new phase trains from fresh moments
+                self.opt.optimizer.state.clear()
         self.opt.zero_grad(set_to_none=True)
         n_tokens = sum(mb.n_real for mb in group)
         self.tokens_seen += n_tokens
