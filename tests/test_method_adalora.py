@@ -10,11 +10,12 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.adalora import AdaLoraModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests import tiny
-from tests.test_train_loop import run_cfg
+from tests.test_train_loop import run_cfg, weights
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.methods.adalora import orth_penalty
@@ -113,3 +114,51 @@ def test_orth_penalty_is_the_hand_computed_one_and_pefts():
 def test_schedule_errors_are_config_errors(kw, words):
     with pytest.raises(ConfigError, match=words):
         acfg(**kw)
+
+
+def test_resume_continues_the_rank_allocation_exactly(llama_dir, chat_data, tmp_path, monkeypatch):
+    """A run stopped after a checkpoint and resumed ends bit-identical to the uninterrupted one, and its
+    allocator holds, step by step, the same smoothed importance: it comes back with the weights (#19)."""
+    schedule = {**SCHEDULE, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 1}
+    seen: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    original = AdaLoraModel.update_and_allocate
+
+    def spy(self, global_step):
+        out = original(self, global_step)
+        seen.setdefault(current[0], {})[global_step] = {
+            n: t.clone() for n, t in self.rankallocator.exp_avg_ipt.items()}
+        return out
+
+    current = ["ref"]
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+
+    def cfg(name: str) -> dict:
+        c = run_cfg(llama_dir, chat_data, tmp_path / name, max_steps=8, save_every=3)
+        c["method"] = {"name": "adalora", **schedule}
+        return c
+
+    assert tunelab.train(cfg("ref"), quiet=True).status == "completed"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_step_4(event):
+        if event.kind == "step" and event.step == 4:
+            raise Stop  # a crash after the checkpoint of step 3: the importance of step 4 is lost with it
+
+    current[0] = "run"
+    with pytest.raises(Stop):
+        tunelab.train(cfg("run"), quiet=True, on_event=stop_after_step_4)
+    aux = load_file(str(tmp_path / "run" / "checkpoints" / "step-3" / "method_aux.safetensors"))
+    assert any(k.startswith("exp_avg_ipt/") for k in aux) and any(k.startswith("rank_pattern/") for k in aux)
+    assert tunelab.train(cfg("run"), resume=True, quiet=True).status == "completed"
+    want, got = weights(tmp_path / "ref"), weights(tmp_path / "run")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    for step in (4, 5):  # after the resume at step 3: the importance continues, it does not start over
+        assert seen["run"][step].keys() == seen["ref"][step].keys()
+        assert all(torch.equal(seen["run"][step][n], seen["ref"][step][n]) for n in seen["ref"][step]), step
+    ref_cfg = json.loads((tmp_path / "ref" / "final" / "adapter_config.json").read_text())
+    run_cfg_ = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert ref_cfg["rank_pattern"] == run_cfg_["rank_pattern"]

@@ -17,6 +17,8 @@ tunelab wires the two pieces peft leaves to the trainer: `on_step` calls peft's
 objectives compute the loss themselves). `total_step` must be the run's length (train.max_steps):
 with a shorter run the final budget is never applied.
 
+A checkpoint keeps the allocator's state (the smoothed importance and uncertainty of every triplet and
+the last rank pattern: `aux_state`), so a resumed run allocates exactly as the uninterrupted one.
 Departure: peft keeps pruned triplets as zeros (masked) rather than resizing them during
 training; the saved adapter holds only the kept ones (`rank_pattern`).
 """
@@ -90,10 +92,34 @@ def orth_penalty(model: nn.Module, cfg: AdaLoraConfig) -> torch.Tensor | None:
     return cfg.orth_reg_weight * torch.stack(norms).mean() if norms else None
 
 
+STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the RankAllocator's smoothed importance, by parameter name
+
+
+def allocator_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a resumed run needs beside the weights: the importance statistics peft keeps in its
+    RankAllocator (smoothed over every step so far) and the rank pattern of the last allocation."""
+    ada = model.base_model
+    out = {f"{kind}/{name}": t for kind in STATS for name, t in getattr(ada.rankallocator, kind).items()}
+    pattern = ada.peft_config[ada.trainable_adapter_name].rank_pattern or {}
+    out.update({f"rank_pattern/{name}": torch.tensor(keep, dtype=torch.bool) for name, keep in pattern.items()})
+    return out
+
+
+def load_allocator_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    ada = model.base_model
+    device = next(model.parameters()).device
+    for kind in STATS:
+        setattr(ada.rankallocator, kind, {name.split("/", 1)[1]: t.to(device) for name, t in tensors.items()
+                                          if name.startswith(f"{kind}/")})
+    pattern = {name.split("/", 1)[1]: t.tolist() for name, t in tensors.items() if name.startswith("rank_pattern/")}
+    ada.peft_config[ada.trainable_adapter_name].rank_pattern = pattern or None
+
+
 @register_method(
     "adalora", AdaLoraConfig, family="reparameterized", backend="peft", paper="arXiv:2303.10512", mergeable=True,
     summary="SVD-form LoRA whose rank budget moves to the most important matrices during training",
-    on_step=update_budget, penalty=orth_penalty, identity_at_init=True,
+    on_step=update_budget, penalty=orth_penalty, identity_at_init=True, aux_state=allocator_state,
+    load_aux_state=load_allocator_state,
 )
 def apply(model: nn.Module, cfg: AdaLoraConfig) -> nn.Module:
     return get_peft_model(model, PeftAdaLoraConfig(

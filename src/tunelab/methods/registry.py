@@ -72,6 +72,10 @@ class MethodSpec:
     # True after the optimizer step where training starts anew: the loop clears the optimizer's state
     # (AdamW's moments and step count) right after that step's on_step (LT-SFT's phase 2).
     restarts_optimizer: Callable[[Any, int], bool] = lambda cfg, step: False
+    # State beside the weights that a resumed run needs (AdaLoRA's importance scores): saved in every
+    # checkpoint as tensors by name, and put back on resume.
+    aux_state: Callable[[nn.Module], dict[str, torch.Tensor]] = lambda model: {}
+    load_aux_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] = lambda model, tensors: None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -89,8 +93,8 @@ def register_method(
     **hooks: Any,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register `apply(model, cfg) -> model`. `hooks`: on_step, penalty, artifact, state, merge,
-    identity_at_init, optimizer, restarts_optimizer (see MethodSpec); peft-backed methods default to the
-    peft artifact."""
+    identity_at_init, optimizer, restarts_optimizer, aux_state, load_aux_state (see MethodSpec);
+    peft-backed methods default to the peft artifact."""
     hooks.setdefault("artifact", "peft" if backend == "peft" else "delta")
 
     def deco(fn: ApplyFn) -> ApplyFn:

@@ -47,6 +47,7 @@ def _digest(group: list[MicroBatch]) -> str:
 
 
 BEST_FILE = "best.safetensors"  # select_best: the best eval's trained weights, in each checkpoint
+AUX_FILE = "method_aux.safetensors"  # the method's state beside its weights (MethodSpec.aux_state)
 
 @dataclass
 class TrainResult:
@@ -173,6 +174,9 @@ class Loop:
         save_training_state(d, self.method.state(model), self.opt, self.sched, self.meta())
         if self.best is not None:
             save_file(self.best[3], str(d / BEST_FILE))
+        aux = self.method.aux_state(model)
+        if aux:
+            save_file({k: v.detach().contiguous().cpu() for k, v in aux.items()}, str(d / AUX_FILE))
 
     def _emit(self, kind: Kind, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
         if self.on_event is not None and self.accelerator.is_main_process:
@@ -186,6 +190,8 @@ class Loop:
         self.guard.skipped = meta["skipped_steps"]
         self.stream.restore(meta["data_cursor"])
         self.runtime.load_state_dict(meta.get("objective_state", {}))
+        if (ckpt / AUX_FILE).is_file():
+            self.method.load_aux_state(model, load_file(str(ckpt / AUX_FILE)))
         best = meta.get("best")
         if best is not None and (ckpt / BEST_FILE).is_file():
             self.best = (best["loss"], best["step"], best["evals"], load_file(str(ckpt / BEST_FILE)))
