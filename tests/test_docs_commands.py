@@ -202,6 +202,11 @@ COMMANDS: dict[str, str] = {
     'tunelab rag query runs/kb "Which hobby does Agnes Dietrich have?"': RUN,
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@test --rag runs/kb --icl-k 4": RUN,
     "python bench/nonparametric.py": BENCH,
+    # docs/training.md
+    "tunelab train configs/sft-lora.yaml --nproc 2": "starts 2 processes under torchrun: tests/test_distributed.py "
+    "runs --nproc 2 on a tiny model and compares it with one process",
+    "torchrun --nproc-per-node 2 -m tunelab train configs/sft-lora.yaml": "the same run, launched by torchrun "
+    "itself (tests/test_distributed.py)",
     # docs/regimes.md
     "tunelab train configs/multitask-skills.yaml": RUN,
     "tunelab data check configs/multitask-skills.yaml": RUN,

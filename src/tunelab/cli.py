@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -89,9 +90,18 @@ def train(
     force: bool = typer.Option(False, "--force", help="write the run into a non-empty folder tunelab did not "
                                "make, beside its files (none is deleted)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=1024, help="processes on this machine, data parallel "
+                              "(DDP; gloo on CPU): `torchrun --standalone --nproc-per-node N -m tunelab train ...`"),
 ) -> None:
     """Train a model. Exit 0: every step applied; 75: stopped by a signal, checkpointed (--resume)."""
     _quick_check(config, overrides or [])
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:  # launch the processes; each runs this command again
+        flags = [f for f, on in (("--resume", resume), ("--allow-changed", allow_changed), ("--overwrite", overwrite),
+                                 ("--force", force), ("--quiet", quiet)) if on]
+        flags += ["--resume-from", resume_from] if resume_from else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "tunelab", "train", config, *(overrides or []), *flags]
+        raise typer.Exit(subprocess.call(cmd))
     from tunelab import api
 
     result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,

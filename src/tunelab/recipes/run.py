@@ -30,6 +30,7 @@ from tunelab.nonparametric import augment
 from tunelab.objectives import OBJECTIVES
 from tunelab.runconfig import RunConfig, build_config, load_config, save_config
 from tunelab.training import checkpoint
+from tunelab.training.dist import processes
 from tunelab.training.events import EventHook
 from tunelab.training.guards import StopSignal, disk_full_guard
 from tunelab.training.loop import Loop, TrainResult
@@ -89,7 +90,23 @@ RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "tensor
 def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool,
                      force: bool = False, resume_from: str | None = None) -> Path | None:
     """Returns the checkpoint to resume from (None for a fresh run). A fresh run claims its folder
-    (owned.claim): an earlier run there is deleted only with `overwrite`, and only its own entries."""
+    (owned.claim): an earlier run there is deleted only with `overwrite`, and only its own entries.
+
+    In a multi-process run every process makes the same checks (so all stop together on a bad
+    folder), then only the main process writes, and the others wait for it."""
+    dist = processes()
+    if dist.num_processes == 1:
+        return _check_and_claim(cfg, resume, allow_changed, overwrite, force, resume_from, claim=True)
+    ckpt = _check_and_claim(cfg, resume, allow_changed, overwrite, force, resume_from, claim=False)
+    dist.wait_for_everyone()
+    if dist.is_main_process and ckpt is None:
+        _check_and_claim(cfg, resume, allow_changed, overwrite, force, resume_from, claim=True)
+    dist.wait_for_everyone()
+    return ckpt
+
+
+def _check_and_claim(cfg: RunConfig, resume: bool, allow_changed: bool, overwrite: bool, force: bool,
+                     resume_from: str | None, claim: bool) -> Path | None:
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
     if resume:
@@ -116,8 +133,9 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool, allow_changed: bool, overwrit
             f"{run_dir} already holds a run",
             fix="pass --resume to continue it, --overwrite to start over, or set output.dir elsewhere",
         )
-    owned.claim(run_dir, "run", sorted(RUN_ENTRIES), what="output.dir", replace=True, force=force,
-                legacy=RUN_ENTRIES)
+    if claim:
+        owned.claim(run_dir, "run", sorted(RUN_ENTRIES), what="output.dir", replace=True, force=force,
+                    legacy=RUN_ENTRIES)
     return None
 
 
@@ -167,7 +185,8 @@ def _train(
     ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite, force, resume_from)
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(run_dir, quiet=quiet, log_every=cfg.train.log_every)
+    main = processes().is_main_process  # a multi-process run: the main process writes and talks
+    reporter = Reporter(run_dir if main else None, quiet=quiet or not main, log_every=cfg.train.log_every)
     seed_everything(cfg.train.seed)
 
     objective = OBJECTIVES[cfg.objective.name]
@@ -192,7 +211,8 @@ def _train(
         f"{cfg.method.name} on {cfg.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f}%); {len(train_data.examples):,} training examples"
     )
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
     loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
                 tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event, stop, mixture, penalty)
     if loop.planned_epochs() > ABSURD_EPOCHS:
@@ -210,12 +230,13 @@ def _train(
     fault_point("start", 0)
     with disk_full_guard(run_dir, lambda: checkpoint.latest(run_dir / "checkpoints")):
         result = loop.run()
-        if result.status == "completed":  # a signal from here on is answered once this is written (exit 0)
+        if result.status == "completed" and main:  # a signal from here on is answered once this is written
             fault_point("final", 0)
             save_artifact(loop.accelerator.unwrap_model(loop.model), tokenizer, cfg.method, cfg.model,
                           run_dir / "final")
             owned.write_atomic(run_dir / "summary.json", json.dumps(
                 {"steps": result.steps, "trainable": trainable, "total": total, **result.metrics}, indent=1))
+    processes().wait_for_everyone()  # a multi-process run returns once the main process wrote the result
     if result.status == "completed":
         reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
     return result
@@ -228,16 +249,19 @@ def _with_passages(cfg: RunConfig, run_dir: Path, tokenizer: Any, say: Callable[
         return cfg.data
     tech = augment.technique(rag=cfg.rag)
     updates = {}
+    dist = processes()
     for split in ("train", "eval"):
         source = getattr(cfg.data, split)
         if source is not None:
             out = run_dir / "rag-data" / f"{split}.jsonl"
-            out.parent.mkdir(exist_ok=True)
-            counts = augment.augment_file(source, out, tokenizer, tech, budget=cfg.data.max_length)
-            say(f"rag: {split} prompts carry {counts['passages']:.2f} passages each from {cfg.rag.index} "
-                f"(recall@{cfg.rag.k} {counts['retrieval_recall']:.3f}, {counts['passages_dropped']:.0f} dropped "
-                f"to fit data.max_length)")
+            if dist.is_main_process:  # one process writes the file every process then reads
+                out.parent.mkdir(exist_ok=True)
+                counts = augment.augment_file(source, out, tokenizer, tech, budget=cfg.data.max_length)
+                say(f"rag: {split} prompts carry {counts['passages']:.2f} passages each from {cfg.rag.index} "
+                    f"(recall@{cfg.rag.k} {counts['retrieval_recall']:.3f}, {counts['passages_dropped']:.0f} "
+                    "dropped to fit data.max_length)")
             updates[split] = str(out)
+    dist.wait_for_everyone()
     return cfg.data.model_copy(update=updates)
 
 

@@ -124,7 +124,8 @@ class Loop:
         self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips, self.run_dir)
         self.step = 0
         self.tokens_seen = 0
-        checkpoint.clean_stale(self.ckpt_root)
+        if self.accelerator.is_main_process:
+            checkpoint.clean_stale(self.ckpt_root)
         # select_best: (eval loss, step, that eval's metrics, the trained weights) of the best eval so far
         self.best: tuple[float, int, dict[str, float], dict[str, torch.Tensor]] | None = None
 
@@ -230,7 +231,9 @@ class Loop:
                 part, pen = self._micro_loss(mb, n_total, with_penalty=last)
             loss_sum += part
             penalty += pen
-        loss = loss_sum / max(n_total, 1) + penalty  # this process's share; exact on one process
+        if self.accelerator.num_processes > 1:  # the logged loss is the whole batch's, over every process
+            loss_sum = float(self.accelerator.reduce(torch.tensor(loss_sum, device=self.accelerator.device), "sum"))
+        loss = loss_sum / max(n_total, 1) + penalty
         clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
         grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
         lr = self.sched.get_last_lr()[0]
@@ -340,7 +343,8 @@ class Loop:
             final = self._restore_best(final)
         if status == "completed":
             self.runtime.finish(self.accelerator.unwrap_model(self.model), self.run_dir)
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): the process group is the command's (it
+            tracker.finish()  # may run more, e.g. continual stages), and ends with it
         result = TrainResult(self.run_dir, status, self.step, {**last_metrics, **final})
         self._emit("end", result.metrics, status=status)
         return result
