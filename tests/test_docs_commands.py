@@ -207,6 +207,9 @@ COMMANDS: dict[str, str] = {
     "runs --nproc 2 on a tiny model and compares it with one process",
     "torchrun --nproc-per-node 2 -m tunelab train configs/sft-lora.yaml": "the same run, launched by torchrun "
     "itself (tests/test_distributed.py)",
+    # docs/methods/pasta.md
+    "tunelab train configs/pasta.yaml": RUN,
+    "tunelab eval runs/pasta --task tinyworld:skills@counting-test": RUN,
     # docs/regimes.md
     "tunelab train configs/multitask-skills.yaml": RUN,
     "tunelab data check configs/multitask-skills.yaml": RUN,

@@ -18,17 +18,19 @@ from tunelab.config import ModelConfig
 from tunelab.methods import METHODS
 from tunelab.runconfig import method_config
 
+VOCAB = 400
+
 # Keys a method needs beyond its defaults to be built in a contract test.
 REQUIRED = {
     "adalora": {"total_step": 4},
     "peft": {"peft_type": "IA3"},
     "partial": {"last_k": 1},
+    "pasta": {"token_ids": list(range(VOCAB))},  # the random test ids hold no special token: adapt every token
 }
 # QLoRA's artifact is a plain LoRA adapter; reloaded it sits on the full-precision base, so its
 # logits differ from the 4-bit training model by the base's quantisation error (test_method_qlora
 # checks the exact claim on the dequantised base).
 ROUND_TRIP_ATOL = {"qlora": 0.25}
-VOCAB = 400
 
 
 def method_cfg(name: str):
