@@ -210,6 +210,12 @@ COMMANDS: dict[str, str] = {
     # docs/methods/pasta.md
     "tunelab train configs/pasta.yaml": RUN,
     "tunelab eval runs/pasta --task tinyworld:skills@counting-test": RUN,
+    # docs/rl.md
+    "tunelab train configs/rl-grpo.yaml": RUN,
+    "tunelab train configs/rl-grpo.yaml objective.loss_type=dr_grpo output.dir=runs/rl-dr-grpo": RUN,
+    "tunelab train configs/rl-grpo.yaml objective.loss_type=dapo objective.epsilon_high=0.28 output.dir=runs/rl-dapo":
+        RUN,
+    "tunelab train configs/rl-rloo.yaml": RUN,
     # docs/regimes.md
     "tunelab train configs/multitask-skills.yaml": RUN,
     "tunelab data check configs/multitask-skills.yaml": RUN,

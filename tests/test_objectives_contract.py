@@ -40,6 +40,8 @@ from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.modeling.load import load_model, load_tokenizer
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.grpo import Rollout
+from tunelab.objectives.grpo import minibatch as group_minibatch
 from tunelab.objectives.ppo import VALUE_HEAD
 from tunelab.objectives.registry import RunContext, Runtime
 
@@ -85,6 +87,9 @@ def files(tmp_path_factory, llama_dir) -> dict[str, Path]:
                                                         " indeed" * (i % 3)} for i in range(5)]),
         "prompts": tiny.write_jsonl(d / "prompts.jsonl", [{"prompt": f"what colour is the {t}?" + " really?" * (i % 3)}
                                                          for i, t in enumerate(things[:5])]),
+        "answers": tiny.write_jsonl(d / "answers.jsonl", [  # grpo / rloo: prompts with a verifiable answer
+            {"prompt": f"what colour is the {t}?" + " really?" * (i % 3), "answer": tiny.COLOURS[i]}
+            for i, t in enumerate(things[:5])]),
     }
 
 
@@ -212,6 +217,45 @@ def rollout(model: nn.Module, rows: list[list[int]], n_query: list[int], pad: in
             "returns": reply_only(torch.randn(mask.shape, generator=g))}
 
 
+def group_case(v: Variant, cfg: Any, files: dict[str, Path]) -> Case:
+    """GRPO / RLOO on a fixed rollout: the pipeline's prompts + fixed replies of different lengths, the
+    policy's own log-probs perturbed as the sampling policy's and the reference's (ratios != 1, some
+    clipped), random advantages; cut into minibatches by the runtime's own `minibatch`."""
+    model, tok, prompts, ctx = setup(cfg)
+    runtime = OBJECTIVES[cfg.objective.name].make_runtime(ctx)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    replies = [tok(" ".join([tiny.COLOURS[i]] * (1 + 2 * i)), add_special_tokens=False)["input_ids"] + [stop]
+               for i in range(len(prompts))]
+    queries = [list(p.input_ids) for p in prompts]  # prompt records: the example is the prompt
+    where = [p.where for p in prompts]
+    g = torch.Generator().manual_seed(5)
+    with_ref = bool(getattr(cfg.objective, "beta", 0)) and cfg.objective.name == "grpo"
+
+    def rollout(rows: list[list[int]], n_query: list[int]) -> dict[str, torch.Tensor]:
+        examples = [Example(row, [IGNORE] * q + row[q:]) for row, q in zip(rows, n_query, strict=True)]
+        batch = collate([[ex] for ex in examples], pad_id=tok.pad_token_id, packed=False)
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mask = batch["labels"][:, 1:] != IGNORE  # (N, T-1)
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]  # (N, T-1)
+
+        def perturbed() -> list[list[float]]:
+            x = logp + 0.3 * torch.randn(mask.shape, generator=g)
+            return [row[m].tolist() for row, m in zip(x, mask, strict=True)]
+
+        old, ref = perturbed(), perturbed() if with_ref else None
+        advantages = torch.randn(len(rows), generator=g).tolist()
+        return Rollout(rows, n_query, where, old, ref, advantages, []).tensors(tok.pad_token_id)
+
+    data = rollout([q + r for q, r in zip(queries, replies, strict=True)], [len(q) for q in queries])
+    empty = rollout(queries, [len(q) for q in queries])  # no reply token anywhere
+    rows = list(range(len(prompts)))
+    parts = [group_minibatch(data, rows[s : s + MICRO], where, runtime.unit) for s in range(0, len(rows), MICRO)]
+    return Case(model, runtime, group_minibatch(data, rows, where, runtime.unit), parts,
+                group_minibatch(empty, rows, where, runtime.unit))
+
+
 def minibatch(data: dict[str, torch.Tensor], idx: list[int], where: list[str]) -> MicroBatch:
     """Rows `idx` of the rollout, all-padding columns dropped, as PPO's runtime cuts its minibatches."""
     width_all = data["input_ids"].shape[1]
@@ -251,6 +295,15 @@ VARIANTS: dict[str, list[Variant]] = {
                             whole_batch="gradient accumulation")],
     "ppo": [Variant("ppo-entropy", "prompts", {"vf_coef": 0.5, "entropy_coef": 0.05}, paths={"reward_model": "rm"},
                     build=rollout_case)],
+    "grpo": [Variant("grpo-exact_match-clip_higher", "answers", {"reward": "exact_match", "beta": 0.1,
+                                                             "epsilon_high": 0.28}, build=group_case),
+             Variant("grpo-dr_grpo-lora-reward_model", "prompts", {"loss_type": "dr_grpo"},
+                     paths={"reward_model": "rm"}, method=LORA, build=group_case),
+             Variant("grpo-dapo-lora", "answers", {"reward": "numeric", "loss_type": "dapo", "beta": 0.0},
+                     method=LORA, build=group_case)],
+    "rloo": [Variant("rloo-unclipped", "answers", {"reward": "contains_answer", "epsilon": None}, build=group_case),
+             Variant("rloo-lora", "answers", {"reward": "exact_match", "epsilon": 0.1}, method=LORA,
+                     build=group_case)],
 }
 ADD_A_CASE = ("add a Variant to VARIANTS in tests/test_objectives_contract.py, with a batch builder (`build`) if "
               "the loop's data path (loop_case) cannot build its batches")

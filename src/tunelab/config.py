@@ -376,7 +376,8 @@ def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
 # a misspelt name is caught in a fraction of a second. tests/test_cli.py keeps them equal to the registries.
 METHOD_NAMES = ("adalora", "adapters", "bitfit", "diff_pruning", "dylora", "features", "full", "head", "krona",
                 "lora", "ltsft", "partial", "pasta", "peft", "prefix", "prompt", "ptuning", "qlora", "threshold_mask")
-OBJECTIVE_NAMES = ("classify", "contrastive", "distill", "dpo", "kto", "lm", "orpo", "ppo", "reward", "sft", "simpo")
+OBJECTIVE_NAMES = ("classify", "contrastive", "distill", "dpo", "grpo", "kto", "lm", "orpo", "ppo", "reward", "rloo",
+                   "sft", "simpo")
 
 
 # Sections of the configs of regimes (recipes over many runs), which `train` does not take

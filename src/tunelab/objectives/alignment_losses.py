@@ -1,4 +1,4 @@
-"""Pure tensor losses for reward modelling, DPO, PPO and distillation (no models, configs or I/O).
+"""Pure tensor losses for reward modelling, DPO, PPO, GRPO/RLOO and distillation (no models, configs or I/O).
 
 Shape letters: B batch rows, T positions, V vocabulary. Masks are bool (or 0/1) tensors; a fully
 masked input gives a finite 0 with a gradient path (zero grads), never NaN. Log-prob and
@@ -321,3 +321,144 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.coef = float(state["coef"])
+
+
+# --- GRPO and RLOO ----------------------------------------------------------------------------------
+# Rewards (N,) come in N/G groups of G consecutive replies to one prompt. Per-token tensors are
+# (B, T) over reply positions (mask); per-reply tensors (B,).
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if group_size < 2 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} are not groups of {group_size} (>= 2) replies")
+    return _up(rewards).view(-1, group_size)  # (P, G)
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, arXiv:2402.03300), one per reply:
+
+        A_i = r_i - mean_g(r)                          (scale False: Dr. GRPO, Liu et al. 2025)
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)     (scale True; std with Bessel's correction, as TRL's)
+
+    rewards (N,) as N/G groups of G consecutive replies -> (N,). A group of equal rewards gets A = 0.
+    """
+    r = _grouped(rewards, group_size)
+    adv = r - r.mean(-1, keepdim=True)  # (P, G)
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: Tensor, group_size: int, *, scale: bool = False, eps: float = 1e-4) -> Tensor:
+    """RLOO's advantages (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740), one per reply:
+
+        A_i = r_i - 1/(G-1) * sum_{j != i} r_j     (= G/(G-1) * (r_i - mean_g(r)))
+        scale: A_i / (std_g(r) + eps)
+
+    rewards (N,) as N/G groups of G consecutive replies -> (N,).
+    """
+    r = _grouped(rewards, group_size)
+    adv = r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)  # (P, G)
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def clipped_objective(
+    log_ratio: Tensor, advantages: Tensor, *, epsilon: float, epsilon_high: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """The clipped surrogate as a loss, elementwise (broadcasting log_ratio against advantages):
+
+        rho = exp(log_ratio);  loss = max(-A*rho, -A*clip(rho, 1-epsilon, 1+epsilon_high))
+
+    epsilon_high None: epsilon (symmetric); larger: DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476).
+    Returns (loss, clipped: where the clipped term is the larger one, i.e. the gradient is cut).
+    """
+    hi = epsilon if epsilon_high is None else epsilon_high
+    ratio = log_ratio.exp()
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1 - epsilon, 1 + hi)
+    return torch.maximum(pg1, pg2), pg2 > pg1
+
+
+def grpo_token_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float = 0.2,
+    epsilon_high: float | None = None, ref_logp: Tensor | None = None, beta: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's per-token loss (B, T), 0 outside the mask:
+
+        l_bt = max(-A_b*rho_bt, -A_b*clip(rho_bt, 1-eps, 1+eps_high)) + beta * k3(logp_bt, ref_logp_bt)
+        rho_bt = exp(logp_bt - old_logp_bt);  k3 = exp(ref - logp) - (ref - logp) - 1   (kl_per_token "k3")
+
+    logp, old_logp, ref_logp, mask (B, T); advantages (B,). old_logp, ref_logp and advantages are
+    constants. The KL term needs ref_logp (beta 0 or ref_logp None: no term). Stats (detached, masked
+    means): clip_fraction, approx_kl (0.5 (logp - old_logp)^2), and kl (k3) when the term is there.
+    """
+    m = mask.bool()
+    log_ratio = torch.where(m, logp - old_logp.detach(), 0)  # (B, T); 0 outside keeps exp finite
+    loss, clipped = clipped_objective(log_ratio, advantages.detach()[:, None], epsilon=epsilon,
+                                      epsilon_high=epsilon_high)
+    stats = {}
+    if ref_logp is not None and beta:
+        kl = kl_per_token(torch.where(m, logp, 0), torch.where(m, ref_logp.detach(), 0), "k3")  # (B, T)
+        loss = loss + beta * kl
+        stats["kl"] = masked_mean(kl.detach(), m)
+    with torch.no_grad():
+        stats.update(clip_fraction=masked_mean(clipped.float(), m), approx_kl=masked_mean(0.5 * log_ratio**2, m))
+    return torch.where(m, loss, 0), stats
+
+
+def grpo_loss(per_token: Tensor, mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """`grpo` (the paper's): each reply's mean over its tokens, then the mean over replies.
+
+    Returns (sum over replies of sum_t l_bt / |o_b|, number of replies with a token): the loop divides
+    by the replies of the whole optimizer step. per_token, mask (B, T)."""
+    m = mask.bool()
+    n = m.sum(-1)  # (B,)
+    return (torch.where(m, per_token, 0).sum(-1) / n.clamp(min=1)).sum(), (n > 0).sum()
+
+
+def dr_grpo_loss(per_token: Tensor, mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """`dr_grpo` (Liu et al. 2025, arXiv:2503.20783): the sum over every token divided by a constant,
+    replies x max_new_tokens, so a reply's weight does not depend on its length.
+
+    Returns (sum_bt l_bt / max_new_tokens, number of replies with a token)."""
+    m = mask.bool()
+    return torch.where(m, per_token, 0).sum() / max_new_tokens, (m.sum(-1) > 0).sum()
+
+
+def dapo_loss(per_token: Tensor, mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """`dapo` (Yu et al. 2025): the token-level mean over every reply token of the optimizer step.
+
+    Returns (sum_bt l_bt, number of reply tokens)."""
+    m = mask.bool()
+    return torch.where(m, per_token, 0).sum(), m.sum()
+
+
+GRPO_LOSSES = {"grpo": grpo_loss, "dr_grpo": dr_grpo_loss, "dapo": dapo_loss}
+
+
+def rloo_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, epsilon: float | None = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """REINFORCE with the leave-one-out baseline, the whole reply one action (Ahmadian et al. 2024):
+
+        s_b = sum_t logp_bt,  rho_b = exp(s_b - s_old_b)
+        l_b = max(-A_b*rho_b, -A_b*clip(rho_b, 1-eps, 1+eps_high))      (epsilon None: -A_b*rho_b)
+
+    whose gradient at rho = 1 (the first pass over a rollout) is -A_b * grad s_b. logp, old_logp, mask
+    (B, T); advantages (B,). Returns (sum of l_b over replies with a token, their number, stats:
+    clip_fraction (of replies), approx_kl (per token, as ppo's)).
+    """
+    m = mask.bool()
+    log_ratio = torch.where(m, logp - old_logp.detach(), 0)  # (B, T)
+    seq = log_ratio.sum(-1)  # (B,)
+    adv = advantages.detach()
+    if epsilon is None:
+        loss, clipped = -adv * seq.exp(), torch.zeros_like(adv, dtype=torch.bool)
+    else:
+        loss, clipped = clipped_objective(seq, adv, epsilon=epsilon, epsilon_high=epsilon_high)
+    has = m.any(-1)  # (B,)
+    with torch.no_grad():
+        stats = {"clip_fraction": masked_mean(clipped.float(), has), "approx_kl": masked_mean(0.5 * log_ratio**2, m)}
+    return torch.where(has, loss, 0).sum(), has.sum(), stats

@@ -172,16 +172,42 @@ def _ppo(ctx: Context) -> Plan:
     per_rollout = max(1, obj.ppo_epochs * obj.rollout_prompts // max(batch, 1))  # optimizer steps per rollout
     # each rollout: generate (policy), then reference, reward model and policy/values score it
     plan.forward_params += (3 * ctx.counts.params + n_reward) * obj.rollout_prompts / (per_rollout * batch)
+    plan.side_phase = _rollout_phase(ctx, min(GENERATION_BATCH, obj.rollout_prompts))
+    plan.notes.append("ppo: --seq is prompt + reply; the loss head is approximated by dpo's (log-probs, values)")
+    return plan
+
+
+def _rollout_phase(ctx: Context, rows: int) -> Callable[[int], tuple[str, int]]:
+    """The memory of generating `rows` replies at once: their KV cache and the last logits."""
+    hf = ctx.hf
     kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     hd = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     size = next(iter(ctx.model.parameters())).element_size()
 
     def rollout(seq: int) -> tuple[str, int]:
-        rows = min(GENERATION_BATCH, obj.rollout_prompts)
         cache = 2 * hf.num_hidden_layers * kv * hd * seq * rows * size
         return "rollout (generation KV cache + logits)", cache + rows * hf.vocab_size * 4 * 2
-    plan.side_phase = rollout
-    plan.notes.append("ppo: --seq is prompt + reply; the loss head is approximated by dpo's (log-probs, values)")
+    return rollout
+
+
+def _group(ctx: Context) -> Plan:
+    """grpo, rloo: the reference (as dpo) when there is one (beta > 0, a reference path, or a peft policy),
+    the frozen reward model when `reward_model` is set; a rollout generates all prompts_per_rollout x
+    num_generations replies in one call, then the policy and the reference score them."""
+    obj = ctx.cfg.objective
+    plan = Plan(loss="sequence")
+    if getattr(obj, "beta", 0) > 0 or obj.reference is not None or isinstance(ctx.model, PeftModel):
+        _reference(ctx, plan)
+    n_reward = 0
+    if obj.reward_model is not None:
+        extra, n_reward = _frozen(ctx, obj.reward_model, "reward model", body_only=True)
+        plan.extras.append(extra)
+    replies = obj.prompts_per_rollout * obj.num_generations
+    batch = ctx.cfg.train.batch_size * ctx.cfg.train.grad_accum
+    per_rollout = max(1, obj.epochs * replies // max(batch, 1))  # optimizer steps per rollout
+    plan.forward_params += (2 * ctx.counts.params + n_reward) * replies / (per_rollout * batch)
+    plan.side_phase = _rollout_phase(ctx, replies)
+    plan.notes.append(f"{obj.name}: --seq is prompt + reply; the loss head is approximated by dpo's (log-probs)")
     return plan
 
 
@@ -199,6 +225,8 @@ PLANS: dict[str, Callable[[Context], Plan]] = {
     "kto": _kto,
     "distill": _distill,
     "ppo": _ppo,
+    "grpo": _group,
+    "rloo": _group,
 }
 
 

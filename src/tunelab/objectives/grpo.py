@@ -1,0 +1,588 @@
+"""Group-relative RL on the one loop: `grpo` (O11) and `rloo`, rewarded by a verifiable function or a reward model.
+
+GRPO: Shao et al. 2024 (DeepSeekMath, arXiv:2402.03300); its `dr_grpo` normalisation: Liu et al. 2025
+(arXiv:2503.20783); `dapo` token-level mean and clip-higher: Yu et al. 2025 (arXiv:2503.14476). RLOO:
+Kool et al. 2019, Ahmadian et al. 2024 (arXiv:2402.14740). Losses and advantages are pure functions in
+alignment_losses.py. Both objectives sample G replies per prompt and need no value model:
+
+    GRPO   A_i = (r_i - mean_g r) / (std_g r + 1e-4)    (scale_rewards; off for dr_grpo)
+           l_it = max(-A_i rho_it, -A_i clip(rho_it, 1-eps, 1+eps_high)) + beta k3_it,  rho = pi / pi_old
+           reduced per loss_type: grpo (mean over tokens, then over replies), dr_grpo (sum / (replies x
+           max_new_tokens)), dapo (mean over every token of the optimizer step)
+    RLOO   R_i = r_i - beta sum_t log(pi_old / pi_ref)   (KL in the reward, k1, at rollout)
+           A_i = R_i - mean_{j != i} R_j;  l_i = max(-A_i rho_i, -A_i clip(rho_i, ...)) with the reply's ratio rho_i
+
+One rollout (PPO's pieces, objectives/ppo.py: the prompt stream, `right_pad`, the seeded sampling, the
+frozen reference of objectives/frozen.py): `prompts_per_rollout` prompts from data.train in the seeded
+order of the data stream, each sampled `num_generations` times -> rewards -> advantages per group ->
+`epochs` shuffled passes in minibatches of train.batch_size replies, each a micro-batch of the loop
+(one optimizer step per grad_accum of them). The loop normalises by the units of the whole step:
+replies (grpo, dr_grpo, rloo) or reply tokens (dapo), so accumulation never changes the update.
+
+Rewards: `reward: <name>` picks a registered function `fn(reply, record) -> float` (built in:
+exact_match, contains_answer, numeric, each against the record's "answer"); `reward_model: <path>` a
+scalar-head model (objective reward). A config only NAMES a reward: nothing is imported from it. Your
+own Python reward is registered from your own script: `register_reward("mine", fn)` before
+`tunelab.train`. Data: `{"prompt", "answer"}` records, or chats (`{"messages", "answer"}`, TinyWorld's
+skills) whose prompt is the conversation without its final assistant turn.
+
+Logged per step (the rollout's numbers repeat until the next rollout): reward, reward_std (mean std
+within a group), frac_zero_std (groups whose replies all scored the same: no policy gradient),
+kl (mean summed KL per reply to the reference at rollout; k3 for grpo, k1 for rloo; when there is a
+reference), response_length, truncated_fraction (replies that never stopped), entropy; per minibatch
+policy_loss, clip_fraction, approx_kl (and grpo's kl_token, the k3 in its loss). Evaluation (data.eval,
+the first `eval_prompts`): greedy replies of the policy and of the reference: eval_reward (accuracy for
+a 0/1 reward), eval_reward_reference, eval_win_rate (ties half). At the end rollouts.jsonl and
+reward_curve.png.
+
+Resume: a checkpoint keeps the unused rest of the current rollout (ids, sampling and reference
+log-probs, advantages, the minibatches still to run), so a resumed run replays exactly what the
+uninterrupted run would have trained on (PPO starts a fresh rollout instead). Departures: one process;
+DAPO's dynamic sampling and overlong shaping are not implemented; with beta 0 and a method that is
+not a peft adapter there is no reference (no kl, no eval_reward_reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import PeftModel
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from tunelab.config import ObjectiveConfig, did_you_mean
+from tunelab.data.formats.chat import chat_messages
+from tunelab.data.pipeline import read_records, split_path
+from tunelab.data.preference import prompt_example
+from tunelab.data.stream import MicroBatch
+from tunelab.data.templates import resolve_template
+from tunelab.data.types import IGNORE, Example
+from tunelab.errors import DataError, TunelabError
+from tunelab.inference.generation import generate_ids, pad_id, stop_token_ids
+from tunelab.inference.logits import forward_logits
+from tunelab.inference.reward import rewards_of
+from tunelab.modeling.heads import is_reward_model
+from tunelab.objectives.alignment_losses import (
+    GRPO_LOSSES,
+    entropy_from_logits,
+    group_advantages,
+    grpo_token_loss,
+    kl_per_token,
+    leave_one_out_advantages,
+    masked_mean,
+    rloo_loss,
+    token_logps,
+)
+from tunelab.objectives.frozen import Reference, load_frozen, unwrap
+from tunelab.objectives.ppo import plot_reward_curve, right_pad
+from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
+
+# ----------------------------------------------------------------------------- verifiable rewards
+
+RewardFn = Callable[[str, dict[str, Any]], float]  # (reply text, the data record) -> reward
+
+
+@dataclass(frozen=True)
+class Reward:
+    fn: RewardFn
+    needs: tuple[str, ...]  # record fields it reads, checked on every record before training
+    summary: str
+
+
+REWARDS: dict[str, Reward] = {}
+
+
+def register_reward(name: str, fn: RewardFn, *, needs: tuple[str, ...] = (), summary: str = "",
+                    replace: bool = False) -> None:
+    """Make `fn(reply, record) -> float` the reward `objective.reward: <name>` names. Call it from your own
+    script before `tunelab.train`: a config can only name a registered reward, never import one."""
+    if not callable(fn):
+        raise TypeError(f"reward {name!r}: {fn!r} is not callable")
+    if name in REWARDS and not replace:
+        raise ValueError(f"reward {name!r} is already registered (pass replace=True to replace it)")
+    REWARDS[name] = Reward(fn, tuple(needs), summary)
+
+
+def normalize(text: str) -> str:
+    """Lower case, single spaces, no surrounding spaces, quotes or final punctuation."""
+    return " ".join(str(text).lower().split()).strip(" \"'`").rstrip(".!?;:,").strip()
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def first_number(text: str) -> float | None:
+    found = _NUMBER.search(str(text))
+    return float(found.group().replace(",", "")) if found else None
+
+
+def exact_match(reply: str, record: dict[str, Any]) -> float:
+    return float(normalize(reply) == normalize(record["answer"]))
+
+
+def contains_answer(reply: str, record: dict[str, Any]) -> float:
+    """The normalised answer inside the normalised reply, not as part of a longer word or number."""
+    answer = normalize(record["answer"])
+    return float(bool(answer) and re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w])", normalize(reply)) is not None)
+
+
+def numeric(reply: str, record: dict[str, Any]) -> float:
+    want, got = first_number(record["answer"]), first_number(reply)
+    return float(want is not None and got is not None and want == got)
+
+
+register_reward("exact_match", exact_match, needs=("answer",), summary="normalised reply == the record's answer")
+register_reward("contains_answer", contains_answer, needs=("answer",), summary="the answer appears in the reply")
+register_reward("numeric", numeric, needs=("answer",), summary="the reply's first number == the answer's")
+
+# ----------------------------------------------------------------------------- configs
+
+
+class GroupConfig(ObjectiveConfig):
+    """What grpo and rloo share: rewards, sampling, clipping, the reference, evaluation."""
+
+    reward: str | None = Field(None, description="a registered reward by name: exact_match (the default without "
+                               "reward_model), contains_answer, numeric, or your own (register_reward in your "
+                               "script); never imported")
+    reward_model: str | None = Field(None, description="a reward model (objective reward run dir) instead")
+    reference: str | None = Field(None, description="reference policy; default: adapter-disabled policy or a copy")
+    num_generations: int = Field(8, ge=2, description="G: replies sampled per prompt")
+    prompts_per_rollout: int = Field(8, gt=0)
+    max_new_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, gt=0, description="sample from the k most likely tokens (None: all)")
+    epochs: int = Field(1, gt=0, description="mu: passes over each rollout")
+    epsilon: float | None = Field(0.2, gt=0.0, lt=1.0, description="ratio clip (below: 1 - epsilon)")
+    epsilon_high: float | None = Field(None, gt=0.0, description="ratio clip above (DAPO's clip-higher); None: epsilon")
+    scale_rewards: bool | None = Field(None, description="divide advantages by the group's reward std")
+    eval_prompts: int | None = Field(None, gt=0, description="evaluate on the first n data.eval prompts (None: all)")
+
+    @field_validator("reward")
+    @classmethod
+    def _registered(cls, v: str | None) -> str | None:
+        if v is not None and v not in REWARDS:
+            raise ValueError(f"unknown reward {v!r}{did_you_mean(v, REWARDS)}; registered: "
+                             f"{', '.join(sorted(REWARDS))} (a config never imports code: register your own with "
+                             "tunelab.objectives.grpo.register_reward in your script)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_reward(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("reward") is None and data.get("reward_model") is None:
+            return {**data, "reward": "exact_match"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> GroupConfig:
+        if self.reward is not None and self.reward_model is not None:
+            raise ValueError("set one of reward (a registered function, e.g. exact_match) and reward_model, not both")
+        return self
+
+
+class GRPOConfig(GroupConfig):
+    name: Literal["grpo"] = "grpo"
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="ratio clip (below: 1 - epsilon)")
+    beta: float = Field(0.04, ge=0.0, description="coefficient of the k3 KL to the reference in the loss; 0: none")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+
+    def scaled(self) -> bool:
+        return self.loss_type != "dr_grpo" if self.scale_rewards is None else self.scale_rewards
+
+
+class RLOOConfig(GroupConfig):
+    name: Literal["rloo"] = "rloo"
+    num_generations: int = Field(4, ge=2, description="G: replies sampled per prompt")
+    beta: float = Field(0.05, ge=0.0, description="coefficient of the reply's KL to the reference in its reward")
+
+    def scaled(self) -> bool:
+        return bool(self.scale_rewards)
+
+
+# ----------------------------------------------------------------------------- records and prompts
+
+
+def read_tasks(data_cfg: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """split -> `where` -> record, for every record of data.train and data.eval (validated by the pipeline)."""
+    return {split: {w: r for w, r in read_records(split_path(data_cfg, split)) if isinstance(r, dict)}
+            for split, path in (("train", data_cfg.train), ("eval", data_cfg.eval)) if path is not None}
+
+
+def is_chat(record: dict[str, Any]) -> bool:
+    return "messages" in record or "conversations" in record
+
+
+def prompt_of(record: dict[str, Any]) -> Any:
+    """The prompt: a record's `prompt`, or a chat without its final assistant turn."""
+    if not is_chat(record):
+        return record["prompt"]
+    messages = chat_messages(record)
+    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    """One rollout, JSON-able (a checkpoint keeps what is left of it): per reply its prompt + reply ids,
+    prompt length and record, the sampling policy's and the reference's log-probs of its tokens, its
+    advantage; and the minibatches (reply indices) still to train on."""
+
+    rows: list[list[int]]
+    n_query: list[int]
+    where: list[str]
+    old_logp: list[list[float]]
+    ref_logp: list[list[float]] | None
+    advantages: list[float]
+    todo: list[list[int]]
+
+    def tensors(self, pad: int) -> dict[str, torch.Tensor]:
+        batch = right_pad(self.rows, self.n_query, pad)
+        mask = batch["labels"][:, 1:] != IGNORE  # (N, T-1): position t-1 predicts reply token t
+        out = {**batch, "reply_mask": mask, "old_logp": spread(self.old_logp, mask),
+               "advantages": torch.tensor(self.advantages, dtype=torch.float32)}
+        if self.ref_logp is not None:
+            out["ref_logp"] = spread(self.ref_logp, mask)
+        return out
+
+
+def spread(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """Per-reply-token values laid on the reply positions of `mask` (N, T-1), 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32)
+    return out
+
+
+def gather(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    """The inverse of `spread`: each row's values at its reply positions."""
+    return [row[m].tolist() for row, m in zip(x.float().cpu(), mask.cpu(), strict=True)]
+
+
+def minibatch(data: dict[str, torch.Tensor], idx: list[int], where: list[str], unit: str) -> MicroBatch:
+    """Replies `idx` of a rollout's tensors, all-padding columns dropped; units: replies with a token or tokens."""
+    width_all = data["input_ids"].shape[1]
+    width = int(data["attention_mask"][idx].sum(-1).max())
+    t = {k: v[idx] if v.dim() == 1 else v[idx][:, : width if v.shape[1] == width_all else width - 1]
+         for k, v in data.items()}
+    mask = t["reply_mask"]
+    n = int(mask.sum()) if unit == "tokens" else int(mask.any(-1).sum())
+    return MicroBatch(t, [where[i] for i in idx], n, int(t["attention_mask"].sum()))
+
+
+class GroupStream:
+    """The loop's stream: minibatches of the current rollout; a new rollout when it is used up."""
+
+    def __init__(self, runtime: GroupRuntime, prompts: Any):
+        self.runtime, self.prompts = runtime, prompts
+
+    def micro_batches_per_epoch(self) -> int:
+        cfg = self.runtime.cfg
+        return cfg.epochs * -(-cfg.prompts_per_rollout * cfg.num_generations // self.runtime.batch_size)
+
+    def state(self) -> dict[str, Any]:
+        return self.prompts.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.prompts.restore(state)  # the rest of the rollout comes back with the runtime's state
+
+    def next_group(self, n: int) -> list[MicroBatch]:
+        out = []
+        for _ in range(n):
+            if self.runtime.pending is None:
+                self.runtime.rollout(self.prompts.next_examples(self.runtime.cfg.prompts_per_rollout))
+            out.append(self.runtime.next_minibatch())
+        return out
+
+
+# ----------------------------------------------------------------------------- the runtime
+
+
+class GroupRuntime(Runtime):
+    """Rollouts, rewards, evaluation and state shared by grpo and rloo; the subclasses' advantages and loss."""
+
+    unit = "replies"
+
+    def __init__(self, ctx: RunContext, fn: Any):
+        super().__init__(fn, ctx.cfg.objective)
+        cfg = self.cfg
+        self.ctx, self.policy, self.tokenizer = ctx, ctx.model, ctx.tokenizer
+        self.batch_size, self.seed = ctx.cfg.train.batch_size, ctx.cfg.train.seed
+        splits = read_tasks(ctx.cfg.data)
+        self.records = {w: r for records in splits.values() for w, r in records.items()}
+        self.check_records([e.where for e in ctx.examples] + list(splits.get("eval", {})))  # before any training
+        self.template = resolve_template(ctx.cfg.data.chat_template, ctx.tokenizer)
+        self.reward_model = self.rm_tokenizer = None
+        if cfg.reward_model is not None:
+            self.reward_model, self.rm_tokenizer = load_frozen(cfg.reward_model, ctx.device, "reward model")
+            if not is_reward_model(self.reward_model):
+                raise TunelabError(f"{cfg.reward_model}: not a reward model (a scalar head)",
+                                   fix="train one with objective reward and method head (num_labels: 1)")
+        free = isinstance(unwrap(ctx.model), PeftModel)  # the adapter-disabled policy costs no memory
+        self.reference = (Reference(ctx.model, cfg.reference, ctx.device, ctx.tokenizer)
+                          if cfg.beta > 0 or cfg.reference is not None or free else None)
+        self.pending: Rollout | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._queries: dict[str, list[int]] = {}
+        self._reference_eval: dict[tuple[str, ...], list[float]] = {}
+        self.sums = StatSums()
+        self.rollout_stats: dict[str, float] = {}
+        self.n_rollouts = 0
+        self.history: list[dict[str, float]] = []
+        ctx.say(f"{cfg.name}: reward {cfg.reward or cfg.reward_model}; reference = "
+                f"{self.reference.kind if self.reference else 'none'}; {cfg.prompts_per_rollout} prompts x "
+                f"{cfg.num_generations} replies per rollout x {cfg.epochs} epochs")
+
+    # -------------------------------------------------------------- the loop's hooks
+
+    def stream(self, default: Any) -> GroupStream:
+        return GroupStream(self, default)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_rollouts": self.n_rollouts, "history": self.history, "rollout_stats": self.rollout_stats,
+                "pending": None if self.pending is None else asdict(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.n_rollouts, self.history = state["n_rollouts"], list(state.get("history", []))
+            self.rollout_stats = dict(state.get("rollout_stats", {}))
+            self.pending = Rollout(**state["pending"]) if state.get("pending") else None
+            self._tensors = None
+
+    def stats(self) -> dict[str, float]:
+        return {**self.rollout_stats, **self.sums.take()}
+
+    # -------------------------------------------------------------- records, prompts, rewards
+
+    def check_records(self, where: list[str]) -> None:
+        needs = REWARDS[self.cfg.reward].needs if self.cfg.reward is not None else ()
+        bad = [f"{w}: missing field {k!r} (reward {self.cfg.reward})" for w in where for k in needs
+               if k not in self.records.get(w, {})]
+        if bad:
+            raise DataError(f"{len(bad)} record(s) lack what reward {self.cfg.reward!r} compares against",
+                            fix="give every record an \"answer\" (or choose a reward that needs none)", problems=bad)
+
+    def query(self, example: Example) -> list[int]:
+        """The prompt's token ids with the generation prompt: a prompt example's own, or a chat re-rendered."""
+        if example.where not in self._queries:
+            record = self.records[example.where]
+            self._queries[example.where] = (prompt_example({"prompt": prompt_of(record)}, self.tokenizer,
+                                                           self.template, example.where).input_ids
+                                            if is_chat(record) else list(example.input_ids))
+        return self._queries[example.where]
+
+    def score(self, where: list[str], texts: list[str]) -> list[float]:
+        if self.reward_model is not None:
+            items = [(prompt_of(self.records[w]), t) for w, t in zip(where, texts, strict=True)]
+            return rewards_of(self.reward_model, self.rm_tokenizer, items)
+        name = self.cfg.reward
+        out = []
+        for w, t in zip(where, texts, strict=True):
+            v = REWARDS[name].fn(t, self.records[w])
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TunelabError(f"reward {name!r} returned {v!r} for {w}", fix="a reward returns a finite number")
+            out.append(float(v))
+        return out
+
+    # -------------------------------------------------------------- rollouts
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[Example]) -> None:
+        cfg, g = self.cfg, self.cfg.num_generations
+        torch.manual_seed(self.seed * 1_000_003 + self.n_rollouts)
+        queries = [self.query(p) for p in prompts for _ in range(g)]
+        where = [p.where for p in prompts for _ in range(g)]
+        model = unwrap(self.policy)
+        replies = generate_ids(model, self.tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=len(queries), temperature=cfg.temperature, top_k=cfg.top_k)
+        stops = stop_token_ids(model, self.tokenizer)
+        replies = [r if r else [stops[0]] for r in replies]
+        rewards = torch.tensor(self.score(where, [self.tokenizer.decode(r, skip_special_tokens=True)
+                                                  for r in replies]))  # (N,)
+        rows = [q + r for q, r in zip(queries, replies, strict=True)]
+        n_query = [len(q) for q in queries]
+        batch = {k: v.to(self.ctx.device) for k, v in right_pad(rows, n_query, pad_id(self.tokenizer)).items()}
+        logp, ref_logp, entropy = self._logps(batch)  # (N, T-1) each but entropy
+        mask = batch["labels"][:, 1:] != IGNORE
+        kl = None if ref_logp is None else (kl_per_token(logp, ref_logp, self.kl_estimator) * mask).sum(-1).cpu()
+        adv = self.advantages(rewards, kl)  # (N,)
+        self._log_rollout(rewards, kl, mask, replies, stops, entropy)
+        order = self._order(len(rows))
+        keep_ref = ref_logp is not None and self.ref_in_loss and cfg.beta > 0
+        self.pending = Rollout(rows, n_query, where, gather(logp, mask), gather(ref_logp, mask) if keep_ref else None,
+                               adv.tolist(), order)
+        self._tensors = None
+        self.n_rollouts += 1
+
+    def _logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Log-probs of the reply tokens by the policy (eval mode) and the reference, in chunks of
+        train.batch_size rows; the policy's mean entropy over reply tokens."""
+        logps, refs, ent, count = [], [], 0.0, 0
+        was_training = self.policy.training
+        self.policy.eval()
+        for s in range(0, batch["input_ids"].shape[0], self.batch_size):
+            part = {k: v[s : s + self.batch_size] for k, v in batch.items()}
+            logits = forward_logits(self.policy, part)
+            logp, mask = token_logps(logits, part["labels"])
+            logps.append(logp)
+            ent += float(masked_mean(entropy_from_logits(logits[:, :-1].float()), mask)) * int(mask.sum())
+            count += int(mask.sum())
+            if self.reference is not None:
+                refs.append(token_logps(self.reference.forward(self.policy, forward_logits, part), part["labels"])[0])
+        self.policy.train(was_training)
+        return torch.cat(logps), torch.cat(refs) if refs else None, ent / max(count, 1)
+
+    def _order(self, n: int) -> list[list[int]]:
+        """`epochs` shuffled passes over the rollout's replies in minibatches of train.batch_size."""
+        rng = random.Random(f"{self.seed}/{self.cfg.name}/{self.n_rollouts}")
+        out = []
+        for _ in range(self.cfg.epochs):
+            order = list(range(n))
+            rng.shuffle(order)
+            out += [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
+        return out
+
+    def _log_rollout(self, rewards: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor,
+                     replies: list[list[int]], stops: list[int], entropy: float) -> None:
+        groups = rewards.view(-1, self.cfg.num_generations)  # (P, G)
+        stats = {"reward": float(rewards.mean()), "reward_std": float(groups.std(-1).mean()),
+                 "frac_zero_std": float((groups.max(-1).values == groups.min(-1).values).float().mean())}
+        if kl is not None:
+            stats["kl"] = float(kl.mean())
+        self.history.append({"rollout": self.n_rollouts, **stats})
+        self.rollout_stats = {**stats, "response_length": float(mask.sum(-1).float().mean()),
+                              "truncated_fraction": sum(r[-1] not in stops for r in replies) / len(replies),
+                              "entropy": entropy, "rollout": float(self.n_rollouts)}
+
+    def next_minibatch(self) -> MicroBatch:
+        p = self.pending
+        assert p is not None and p.todo
+        if self._tensors is None:
+            self._tensors = p.tensors(pad_id(self.tokenizer))
+        mb = minibatch(self._tensors, p.todo.pop(0), p.where, self.unit)
+        if not p.todo:
+            self.pending, self._tensors = None, None
+        return mb
+
+    # -------------------------------------------------------------- the loss
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "advantages" not in batch:
+            raise TunelabError(f"objective {self.cfg.name} trains on its own rollouts; this batch is not one",
+                               fix=f"evaluate a {self.cfg.name} run with `tunelab eval` on prompts")
+        logp, _ = token_logps(forward_logits(model, batch), batch["labels"])
+        loss_sum, n, stats = self.policy_loss(logp, batch)
+        k = float(n)
+        for name, value in stats.items():
+            self.sums.add(name, float(value) * k, k)
+        return loss_sum, n
+
+    # -------------------------------------------------------------- evaluation and the end
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, examples: list[Example]) -> dict[str, float]:
+        """Greedy replies of the policy and of the reference to the eval prompts, rewarded."""
+        examples = examples[: self.cfg.eval_prompts] if self.cfg.eval_prompts else examples
+        where = [e.where for e in examples]
+        queries = [self.query(e) for e in examples]
+        mine = self.score(where, self._greedy(unwrap(model), queries))
+        out = {"reward": sum(mine) / len(mine)}
+        if self.reference is not None:
+            key = tuple(where)
+            if key not in self._reference_eval:  # the reference is frozen: its replies never change
+                texts = self.reference.forward(model, self._greedy, queries)
+                self._reference_eval[key] = self.score(where, texts)
+            ref = self._reference_eval[key]
+            wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, ref, strict=True))
+            out.update(reward_reference=sum(ref) / len(ref), win_rate=wins / len(ref))
+        return out
+
+    def _greedy(self, model: nn.Module, queries: list[list[int]]) -> list[str]:
+        replies = generate_ids(model, self.tokenizer, queries, max_new_tokens=self.cfg.max_new_tokens)
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+
+    def finish(self, model: nn.Module, run_dir: Path) -> None:
+        """rollouts.jsonl and reward_curve.png (reward and KL per step, eval reward) in the run dir."""
+        (run_dir / "rollouts.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history), encoding="utf-8")
+        if self.history and "kl" in self.history[-1]:
+            plot_reward_curve(run_dir, self.ctx.say)
+        else:
+            self.ctx.say(f"{self.cfg.name}: no reference, so no KL: no reward_curve.png")
+
+    # -------------------------------------------------------------- what grpo and rloo differ in
+
+    kl_estimator = "k3"
+    ref_in_loss = True
+
+    def advantages(self, rewards: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def policy_loss(self, logp: torch.Tensor, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class GRPORuntime(GroupRuntime):
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx, grpo)
+        self.unit = "tokens" if self.cfg.loss_type == "dapo" else "replies"
+
+    def advantages(self, rewards: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+        return group_advantages(rewards, self.cfg.num_generations, scale=self.cfg.scaled())
+
+    def policy_loss(self, logp: torch.Tensor, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        cfg: GRPOConfig = self.cfg
+        mask = batch["reply_mask"]
+        per_token, stats = grpo_token_loss(logp, batch["old_logp"], batch["advantages"], mask, epsilon=cfg.epsilon,
+                                           epsilon_high=cfg.epsilon_high, ref_logp=batch.get("ref_logp"),
+                                           beta=cfg.beta)
+        loss_sum, n = GRPO_LOSSES[cfg.loss_type](per_token, mask, cfg.max_new_tokens)
+        if "kl" in stats:
+            stats["kl_token"] = stats.pop("kl")
+        return loss_sum, n, {"policy_loss": loss_sum.detach() / n.clamp(min=1), **stats}
+
+
+class RLOORuntime(GroupRuntime):
+    kl_estimator = "k1"  # summed over the reply: log pi_old(y|x) - log pi_ref(y|x), in the reward
+    ref_in_loss = False
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx, rloo)
+
+    def advantages(self, rewards: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+        shaped = rewards if kl is None or not self.cfg.beta else rewards - self.cfg.beta * kl
+        return leave_one_out_advantages(shaped, self.cfg.num_generations, scale=self.cfg.scaled())
+
+    def policy_loss(self, logp: torch.Tensor, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        cfg: RLOOConfig = self.cfg
+        loss_sum, n, stats = rloo_loss(logp, batch["old_logp"], batch["advantages"], batch["reply_mask"],
+                                       epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+        return loss_sum, n, {"policy_loss": loss_sum.detach() / n.clamp(min=1), **stats}
+
+
+def grpo(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    raise TunelabError("grpo needs its runtime (rollouts, rewards, reference): train it through tunelab.train")
+
+
+def rloo(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    raise TunelabError("rloo needs its runtime (rollouts, rewards, reference): train it through tunelab.train")
+
+
+register_objective(
+    "grpo", GRPOConfig, formats=("chat", "prompt"), mask_prompt=True, runtime=GRPORuntime,
+    summary="GRPO: G sampled replies per prompt, group-relative advantages, clipped ratio, k3 KL to the reference",
+)(grpo)
+register_objective(
+    "rloo", RLOOConfig, formats=("chat", "prompt"), mask_prompt=True, runtime=RLOORuntime,
+    summary="RLOO: REINFORCE with a leave-one-out baseline over G sampled replies per prompt, KL in the reward",
+)(rloo)
