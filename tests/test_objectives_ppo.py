@@ -137,7 +137,7 @@ def test_rollout_at_init_has_zero_kl_and_the_score_at_the_last_reply_token(llama
     assert not head.proj.weight.detach().any() and not head.proj.bias.detach().any()  # zero-initialised
     assert stream.micro_batches_per_epoch() == 2 * math.ceil(6 / 4)
     mbs = stream.next_group(4)  # one rollout: 2 epochs x (4 + 2) replies
-    assert stream.queue == [] and runtime.n_rollouts == 1
+    assert runtime.pending is None and runtime.n_rollouts == 1  # the rollout is used up
     assert [len(mb.where) for mb in mbs] == [4, 2, 4, 2]
     first, second = mbs[:2], mbs[2:]
     where = [w for mb in first for w in mb.where]
@@ -212,8 +212,9 @@ def test_rollout_at_init_has_zero_kl_and_the_score_at_the_last_reply_token(llama
     mask = t["reply_mask"]
     torch.testing.assert_close(t["old_logp"][mask], logp[mask], rtol=1e-5, atol=1e-5)
     state = runtime.state_dict()  # kl_target None: coef fixed; the rollout history survives a resume
-    assert state == {"kl": {"coef": 0.0}, "n_rollouts": 1, "history": [
+    assert {k: state[k] for k in ("kl", "n_rollouts", "history")} == {"kl": {"coef": 0.0}, "n_rollouts": 1, "history": [
         {"rollout": 0, "reward": stats["reward"], "kl": 0.0}]}
+    assert state["pending"] is None  # the rollout's 4 minibatches were all taken
 
 
 def test_rollout_of_a_moved_policy_penalises_kl_and_adds_values(llama_dir, tok, files, reward_model):
@@ -281,8 +282,9 @@ def test_rollout_of_a_moved_policy_penalises_kl_and_adds_values(llama_dir, tok, 
     err = min(max(stats["kl"] / target - 1, -0.2), 0.2)
     assert runtime.kl.coef == pytest.approx(kl_coef * (1 + err * 8 / horizon))
     state = runtime.state_dict()
-    runtime.load_state_dict({"kl": {"coef": 0.123}, "n_rollouts": 7, "history": [{"rollout": 6}]})
-    assert runtime.state_dict() == {"kl": {"coef": 0.123}, "n_rollouts": 7, "history": [{"rollout": 6}]}
+    runtime.load_state_dict({"kl": {"coef": 0.123}, "n_rollouts": 7, "history": [{"rollout": 6}]})  # before #19
+    assert runtime.state_dict() == {"kl": {"coef": 0.123}, "n_rollouts": 7, "history": [{"rollout": 6}],
+                                    "rollout_stats": {}, "pending": None}
     assert state["n_rollouts"] == 1
 
 
@@ -421,3 +423,42 @@ def test_ppo_refuses_preference_data_and_a_reward_model_without_a_scalar_head(ll
         make_runtime(llama_dir, tok, {**files, "rm": llama_dir})
     with pytest.raises(TunelabError, match="cannot load the reward model"):
         make_runtime(llama_dir, tok, {**files, "rm": tmp_path / "missing"})
+
+
+def test_a_resumed_run_continues_the_rollout_it_stopped_in(llama_dir, files, tmp_path):
+    """A checkpoint in the middle of a rollout keeps its rest (replies, log-probs, values, advantages, the
+    minibatches still to run): the resumed run trains on exactly what the uninterrupted one did (#19)."""
+    def cfg(name: str) -> dict:
+        return {
+            "model": {"name_or_path": str(llama_dir)},
+            "data": {"train": str(files["train"]), "max_length": 64},
+            "method": {"name": "lora", "r": 4, "dropout": 0.0},
+            "objective": {"name": "ppo", "reward_model": str(files["rm"]), "rollout_prompts": 8, "ppo_epochs": 2,
+                          "max_new_tokens": 6},
+            # 4 minibatches (steps) per rollout; a checkpoint at step 2 falls in the middle of the first
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "scheduler": "constant", "save_every": 2,
+                      "tensorboard": False, "precision": "fp32"},
+            "output": {"dir": str(tmp_path / name)},
+        }
+
+    assert tunelab.train(cfg("ref"), quiet=True).status == "completed"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(event):
+        if event.kind == "step" and event.step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        tunelab.train(cfg("run"), quiet=True, on_event=stop_after_3)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert len(state["objective_state"]["pending"]["todo"]) == 2  # half the rollout still to train on
+    assert tunelab.train(cfg("run"), resume=True, quiet=True).status == "completed"
+    want = load_file(str(tmp_path / "ref" / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    ref, run = metrics_lines(tmp_path / "ref"), metrics_lines(tmp_path / "run")
+    for a in [m for m in ref if "loss" in m and m["step"] >= 3]:
+        b = next(m for m in run if m.get("step") == a["step"] and "loss" in m)
+        assert (b["loss"], b["reward"], b["rollout"], b["batch"]) == (a["loss"], a["reward"], a["rollout"], a["batch"])

@@ -37,7 +37,7 @@ reward_curve.png.
 
 Resume: a checkpoint keeps the unused rest of the current rollout (ids, sampling and reference
 log-probs, advantages, the minibatches still to run), so a resumed run replays exactly what the
-uninterrupted run would have trained on (PPO starts a fresh rollout instead). Departures: one process;
+uninterrupted run would have trained on (PPO keeps its rollout the same way). Departures: one process;
 DAPO's dynamic sampling and overlong shaping are not implemented; with beta 0 and a method that is
 not a peft adapter there is no reference (no kl, no eval_reward_reference).
 """
@@ -82,7 +82,7 @@ from tunelab.objectives.alignment_losses import (
     token_logps,
 )
 from tunelab.objectives.frozen import Reference, load_frozen, unwrap
-from tunelab.objectives.ppo import plot_reward_curve, right_pad
+from tunelab.objectives.ppo import gather, minibatch, plot_reward_curve, right_pad, spread
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
 
 # ----------------------------------------------------------------------------- verifiable rewards
@@ -253,29 +253,6 @@ class Rollout:
         if self.ref_logp is not None:
             out["ref_logp"] = spread(self.ref_logp, mask)
         return out
-
-
-def spread(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
-    """Per-reply-token values laid on the reply positions of `mask` (N, T-1), 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=torch.float32)
-    out[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32)
-    return out
-
-
-def gather(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
-    """The inverse of `spread`: each row's values at its reply positions."""
-    return [row[m].tolist() for row, m in zip(x.float().cpu(), mask.cpu(), strict=True)]
-
-
-def minibatch(data: dict[str, torch.Tensor], idx: list[int], where: list[str], unit: str) -> MicroBatch:
-    """Replies `idx` of a rollout's tensors, all-padding columns dropped; units: replies with a token or tokens."""
-    width_all = data["input_ids"].shape[1]
-    width = int(data["attention_mask"][idx].sum(-1).max())
-    t = {k: v[idx] if v.dim() == 1 else v[idx][:, : width if v.shape[1] == width_all else width - 1]
-         for k, v in data.items()}
-    mask = t["reply_mask"]
-    n = int(mask.sum()) if unit == "tokens" else int(mask.any(-1).sum())
-    return MicroBatch(t, [where[i] for i in idx], n, int(t["attention_mask"].sum()))
 
 
 class GroupStream:

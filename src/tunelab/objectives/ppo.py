@@ -24,14 +24,17 @@ clip_fraction, approx_kl, value_loss, policy_loss. Evaluation (data.eval prompts
 of the policy and of the reference scored by the reward model: eval_reward, eval_reward_reference,
 eval_win_rate (ties count half). At the end, reward_curve.png in the run dir.
 
-Resume: a checkpoint keeps the policy, value head, optimizer, data cursor and kl_coef; a resumed
-run starts a fresh rollout (the interrupted rollout's remaining minibatches are not replayed).
+Resume: a checkpoint keeps the policy, value head, optimizer, data cursor, kl_coef and what is left of
+the current rollout (per reply its ids, and per reply token the sampling log-prob, value, advantage and
+return, plus the minibatches still to run; JSON in trainer_state.json), so a run resumed mid-rollout
+trains on exactly what the uninterrupted run would (bit-identical on CPU in fp32, tested).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,12 +129,56 @@ def right_pad(rows: list[list[int]], n_query: list[int], pad: int) -> dict[str, 
     return collate([[ex] for ex in examples], pad_id=pad, packed=False)
 
 
+def spread(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """Per-reply-token values laid on the reply positions of `mask` (N, T-1), 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32)
+    return out
+
+
+def gather(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    """The inverse of `spread`: each row's values at its reply positions."""
+    return [row[m].tolist() for row, m in zip(x.float().cpu(), mask.cpu(), strict=True)]
+
+
+def minibatch(data: dict[str, torch.Tensor], idx: list[int], where: list[str], unit: str) -> MicroBatch:
+    """Replies `idx` of a rollout's tensors, all-padding columns dropped; units: replies with a token or tokens."""
+    width_all = data["input_ids"].shape[1]
+    width = int(data["attention_mask"][idx].sum(-1).max())
+    t = {k: v[idx] if v.dim() == 1 else v[idx][:, : width if v.shape[1] == width_all else width - 1]
+         for k, v in data.items()}
+    mask = t["reply_mask"]
+    n = int(mask.sum()) if unit == "tokens" else int(mask.any(-1).sum())
+    return MicroBatch(t, [where[i] for i in idx], n, int(t["attention_mask"].sum()))
+
+
+@dataclass
+class Rollout:
+    """One PPO rollout, JSON-able (a checkpoint keeps what is left of it): per reply its prompt + reply ids,
+    prompt length and record, and per reply token the sampling policy's log-prob and value, the advantage
+    and the return; and the minibatches (reply indices) still to train on."""
+
+    rows: list[list[int]]
+    n_query: list[int]
+    where: list[str]
+    old_logp: list[list[float]]
+    old_values: list[list[float]]
+    advantages: list[list[float]]
+    returns: list[list[float]]
+    todo: list[list[int]]
+
+    def tensors(self, pad: int) -> dict[str, torch.Tensor]:
+        batch = right_pad(self.rows, self.n_query, pad)
+        mask = batch["labels"][:, 1:] != IGNORE  # (N, T-1): position t-1 predicts reply token t
+        return {**batch, "reply_mask": mask, **{k: spread(getattr(self, k), mask) for k in
+                                                ("old_logp", "old_values", "advantages", "returns")}}
+
+
 class RolloutStream:
     """The loop's stream for PPO: minibatches of the current rollout; a new rollout when used up."""
 
     def __init__(self, runtime: PPORuntime, prompts: Any):
         self.runtime, self.prompts = runtime, prompts
-        self.queue: list[MicroBatch] = []
 
     def micro_batches_per_epoch(self) -> int:
         cfg, b = self.runtime.cfg, self.runtime.batch_size
@@ -141,15 +188,14 @@ class RolloutStream:
         return self.prompts.state()
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.prompts.restore(state)
-        self.queue = []
+        self.prompts.restore(state)  # the rest of the rollout comes back with the runtime's state
 
     def next_group(self, n: int) -> list[MicroBatch]:
         out = []
         for _ in range(n):
-            if not self.queue:
-                self.queue = self.runtime.rollout(self.prompts.next_examples(self.runtime.cfg.rollout_prompts))
-            out.append(self.queue.pop(0))
+            if self.runtime.pending is None:
+                self.runtime.rollout(self.prompts.next_examples(self.runtime.cfg.rollout_prompts))
+            out.append(self.runtime.next_minibatch())
         return out
 
 
@@ -173,6 +219,8 @@ class PPORuntime(Runtime):
         self.rollout_stats: dict[str, float] = {}
         self.n_rollouts = 0
         self.history: list[dict[str, float]] = []
+        self.pending: Rollout | None = None  # what is left of the current rollout
+        self._tensors: dict[str, torch.Tensor] | None = None
         ctx.say(f"ppo: reference = {self.reference.kind}; reward model {cfg.reward_model}; "
                 f"{cfg.rollout_prompts} prompts per rollout x {cfg.ppo_epochs} epochs")
 
@@ -182,13 +230,27 @@ class PPORuntime(Runtime):
         return RolloutStream(self, default)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kl": self.kl.state_dict(), "n_rollouts": self.n_rollouts, "history": self.history}
+        return {"kl": self.kl.state_dict(), "n_rollouts": self.n_rollouts, "history": self.history,
+                "rollout_stats": self.rollout_stats, "pending": None if self.pending is None else asdict(self.pending)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.kl.load_state_dict(state["kl"])
             self.n_rollouts = state["n_rollouts"]
             self.history = list(state.get("history", []))
+            self.rollout_stats = dict(state.get("rollout_stats", {}))
+            self.pending = Rollout(**state["pending"]) if state.get("pending") else None
+            self._tensors = None
+
+    def next_minibatch(self) -> MicroBatch:
+        p = self.pending
+        assert p is not None and p.todo
+        if self._tensors is None:
+            self._tensors = p.tensors(pad_id(self.tokenizer))
+        mb = minibatch(self._tensors, p.todo.pop(0), p.where, "tokens")
+        if not p.todo:
+            self.pending, self._tensors = None, None
+        return mb
 
     def stats(self) -> dict[str, float]:
         return {**self.rollout_stats, **self.sums.take()}
@@ -196,7 +258,7 @@ class PPORuntime(Runtime):
     # -------------------------------------------------------------- rollouts
 
     @torch.no_grad()
-    def rollout(self, prompts: list[Example]) -> list[MicroBatch]:
+    def rollout(self, prompts: list[Example]) -> None:
         cfg: PPOConfig = self.cfg
         device = self.ctx.device
         torch.manual_seed(self.seed * 1_000_003 + self.n_rollouts)
@@ -236,9 +298,10 @@ class PPORuntime(Runtime):
         self.history.append({"rollout": self.n_rollouts, "reward": float(scores.mean()), "kl": kl_per_reply})
         self.kl.update(kl_per_reply, len(replies))
         self.n_rollouts += 1
-        data = {**{k: v.cpu() for k, v in batch.items()}, "old_logp": logp.cpu(), "old_values": values.cpu(),
-                "advantages": adv.cpu(), "returns": returns.cpu(), "reply_mask": mask.cpu()}
-        return self._minibatches(data, [p.where for p in prompts])
+        rows = [q + r for q, r in zip(queries, replies, strict=True)]
+        self.pending = Rollout(rows, [len(q) for q in queries], [p.where for p in prompts], gather(logp, mask),
+                               gather(values, mask), gather(adv, mask), gather(returns, mask), self._order(len(rows)))
+        self._tensors = None
 
     def _rm_scores(self, prompts: list[Example], texts: list[str]) -> torch.Tensor:
         items = [(self._prompt_of(p), t) for p, t in zip(prompts, texts, strict=True)]
@@ -248,20 +311,14 @@ class PPORuntime(Runtime):
         """The prompt of an example, from its record (the reward model renders prompt + reply itself)."""
         return self.prompts[example.where]
 
-    def _minibatches(self, data: dict[str, torch.Tensor], where: list[str]) -> list[MicroBatch]:
-        """`ppo_epochs` shuffled passes over the rollout in minibatches of train.batch_size replies."""
-        n, width_all = data["input_ids"].shape
+    def _order(self, n: int) -> list[list[int]]:
+        """`ppo_epochs` shuffled passes over the rollout's n replies, in minibatches of train.batch_size."""
         rng = random.Random(f"{self.seed}/ppo/{self.n_rollouts}")
         out = []
         for _ in range(self.cfg.ppo_epochs):
             order = list(range(n))
             rng.shuffle(order)
-            for s in range(0, n, self.batch_size):
-                idx = order[s : s + self.batch_size]
-                width = int(data["attention_mask"][idx].sum(-1).max())  # drop all-padding columns
-                t = {k: v[idx][:, : width if v.shape[1] == width_all else width - 1] for k, v in data.items()}
-                out.append(MicroBatch(t, [where[i] for i in idx], int(t["reply_mask"].sum()),
-                                      int(t["attention_mask"].sum())))
+            out += [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
         return out
 
     # -------------------------------------------------------------- the loss
