@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
 from tests import tiny
@@ -462,3 +463,41 @@ def test_a_resumed_run_continues_the_rollout_it_stopped_in(llama_dir, files, tmp
     for a in [m for m in ref if "loss" in m and m["step"] >= 3]:
         b = next(m for m in run if m.get("step") == a["step"] and "loss" in m)
         assert (b["loss"], b["reward"], b["rollout"], b["batch"]) == (a["loss"], a["reward"], a["rollout"], a["batch"])
+
+
+def test_a_separate_value_model_trains_beside_the_policy_and_is_not_exported(llama_dir, tok, files, tmp_path):
+    """objective.value_model: the reward model's body under the value head, trained with the policy; the
+    policy's own forward no longer feeds the values (#19)."""
+    run = tmp_path / "run"
+    cfg = {
+        "model": {"name_or_path": str(llama_dir)},
+        "data": {"train": str(files["train"]), "max_length": 64},
+        "method": {"name": "lora", "r": 4, "dropout": 0.0},
+        "objective": {"name": "ppo", "reward_model": str(files["rm"]), "value_model": str(files["rm"]),
+                      "rollout_prompts": 8, "ppo_epochs": 1, "max_new_tokens": 6, "vf_coef": 1.0},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "scheduler": "constant", "tensorboard": False,
+                  "precision": "fp32", "save_every": 4},
+        "output": {"dir": str(run)},
+    }
+    assert tunelab.train(cfg, quiet=True).status == "completed"
+    state = load_file(str(run / "checkpoints" / "step-4" / "trainable.safetensors"))
+    body = {k: v for k, v in state.items() if k.startswith(f"{VALUE_HEAD}.body.")}
+    assert body and any(k.startswith(f"{VALUE_HEAD}.proj.") for k in state)  # checkpointed: a resume trains on
+    rm, _ = tunelab.load(files["rm"])
+    start = {f"{VALUE_HEAD}.body.{k}": v for k, v in rm.body.state_dict().items()}
+    moved = [k for k, v in body.items() if k in start and not torch.equal(v, start[k])]
+    assert moved, "the value model's body did not train"
+    saved = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert not any("value" in k for k in saved)  # the exported policy holds neither head nor body
+    lines = [m for m in metrics_lines(run) if "value_loss" in m]
+    assert lines and all(math.isfinite(m["value_loss"]) for m in lines)
+
+
+def test_a_value_model_with_another_tokenizer_is_refused(llama_dir, tok, files, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(llama_dir, other)
+    changed = AutoTokenizer.from_pretrained(str(other))
+    changed.add_tokens(["<|extra|>"])
+    changed.save_pretrained(str(other))
+    with pytest.raises(TunelabError, match="value model .* different tokenizer"):
+        make_runtime(llama_dir, tok, files, value_model=str(other))

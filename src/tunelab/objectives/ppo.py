@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import PeftModel
 from pydantic import Field
 from torch import nn
 
@@ -51,7 +52,7 @@ from tunelab.errors import TunelabError
 from tunelab.inference.generation import generate_ids, greedy, pad_id, stop_token_ids
 from tunelab.inference.logits import forward_logits
 from tunelab.inference.reward import judge, rewards_of
-from tunelab.modeling.heads import is_reward_model
+from tunelab.modeling.heads import ClassifierModel, is_reward_model
 from tunelab.objectives.alignment_losses import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -63,7 +64,7 @@ from tunelab.objectives.alignment_losses import (
     ppo_value_loss,
     token_logps,
 )
-from tunelab.objectives.frozen import Reference, load_frozen, unwrap
+from tunelab.objectives.frozen import Reference, check_same_vocab, load_frozen, unwrap
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
 
 VALUE_HEAD = "tunelab_value_head"
@@ -90,17 +91,41 @@ class PPOConfig(ObjectiveConfig):
     kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
     whiten_rewards: bool = False
     missing_stop_penalty: float | None = Field(None, description="added to the score of a reply that never stops")
+    value_model: str | None = Field(
+        None, description="a separate value model: the body of this model (a causal LM, LoRA run or reward model, "
+        "e.g. the reward model) under the value head, trained beside the policy; default: the head on the "
+        "policy's own last hidden state")
 
 
 class ValueHead(nn.Module):
-    def __init__(self, hidden: int, like: torch.Tensor):
+    """V(s_t) = w . h_t + b, zero-initialised, on the policy's last hidden state h_t, or on that of a
+    separate `body` (objective.value_model) that trains with it."""
+
+    def __init__(self, hidden: int, like: torch.Tensor, body: nn.Module | None = None):
         super().__init__()
+        self.body = body
         self.proj = nn.Linear(hidden, 1, device=like.device, dtype=torch.float32)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden.float()).squeeze(-1)  # (B, T)
+
+    def of_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Values (B, T) from the separate body's last hidden state."""
+        assert self.body is not None
+        out = self.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return self(out.last_hidden_state)
+
+
+def value_body(path: str, device: torch.device, tokenizer: Any) -> nn.Module:
+    """The transformer body of `path` (its LM head or reward head dropped; a LoRA merged), trainable."""
+    model, tok = load_frozen(path, device, "value model")
+    check_same_vocab(tokenizer, tok, "value model", path)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    body = model.body if isinstance(model, ClassifierModel) else model.base_model
+    return body.train().requires_grad_(True)
 
 
 def read_prompts(data_cfg: Any) -> dict[str, Any]:
@@ -116,10 +141,11 @@ def read_prompts(data_cfg: Any) -> dict[str, Any]:
 def policy_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, T, V), values (B, T)) for the batch's T tokens (virtual-token positions dropped)."""
     t = batch["input_ids"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=True)
     head = getattr(unwrap(model), VALUE_HEAD)
-    return out.logits[:, -t:], head(out.hidden_states[-1][:, -t:])
+    separate = head.body is not None
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=not separate)
+    return out.logits[:, -t:], head.of_tokens(batch) if separate else head(out.hidden_states[-1][:, -t:])
 
 
 def right_pad(rows: list[list[int]], n_query: list[int], pad: int) -> dict[str, torch.Tensor]:
@@ -212,7 +238,9 @@ class PPORuntime(Runtime):
             raise TunelabError(f"{cfg.reward_model}: not a reward model (a scalar head)",
                                fix="train one with objective reward and method head (num_labels: 1)")
         hidden = unwrap(ctx.model).get_input_embeddings().weight
-        setattr(unwrap(ctx.model), VALUE_HEAD, ValueHead(hidden.shape[1], hidden))
+        body = value_body(cfg.value_model, ctx.device, ctx.tokenizer) if cfg.value_model is not None else None
+        width = body.config.hidden_size if body is not None else hidden.shape[1]
+        setattr(unwrap(ctx.model), VALUE_HEAD, ValueHead(width, hidden, body))
         self.kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.prompts = read_prompts(ctx.cfg.data)
         self.sums = StatSums()
@@ -221,7 +249,8 @@ class PPORuntime(Runtime):
         self.history: list[dict[str, float]] = []
         self.pending: Rollout | None = None  # what is left of the current rollout
         self._tensors: dict[str, torch.Tensor] | None = None
-        ctx.say(f"ppo: reference = {self.reference.kind}; reward model {cfg.reward_model}; "
+        ctx.say(f"ppo: reference = {self.reference.kind}; reward model {cfg.reward_model}; value "
+                f"{'model ' + cfg.value_model if body is not None else 'head on the policy'}; "
                 f"{cfg.rollout_prompts} prompts per rollout x {cfg.ppo_epochs} epochs")
 
     # -------------------------------------------------------------- the loop's hooks

@@ -168,6 +168,12 @@ def _ppo(ctx: Context) -> Plan:
     plan.trainable.append((hf.hidden_size + 1, 4))
     plan.extras.append(Extra("value head (trained)", 4 * (hf.hidden_size + 1), "its gradients and optimizer "
                              "states are counted with the policy's"))
+    if getattr(obj, "value_model", None) is not None:  # a separate body under the head: it trains too
+        _, n_value = _frozen(ctx, obj.value_model, "value model", body_only=True)
+        plan.trainable.append((n_value, 4))
+        plan.extras.append(Extra("value model (trained, fp32)", 4 * n_value, f"{n_value:,} parameters from "
+                                 f"{obj.value_model}; gradients and AdamW states counted with the policy's"))
+        plan.forward_params += n_value
     batch = ctx.cfg.train.batch_size * ctx.cfg.train.grad_accum
     per_rollout = max(1, obj.ppo_epochs * obj.rollout_prompts // max(batch, 1))  # optimizer steps per rollout
     # each rollout: generate (policy), then reference, reward model and policy/values score it
