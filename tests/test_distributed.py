@@ -24,7 +24,7 @@ STEPS = 6  # 24 examples, global batch 4: an epoch is 6 steps
 def _cfg(tmp: Path, model_dir: Path, data: Path, name: str, method: str, batch: int) -> Path:
     cfg = {
         "model": {"name_or_path": str(model_dir)},
-        "data": {"train": str(data), "max_length": 64},
+        "data": {"train": str(data), "eval": str(data), "max_length": 64},
         "method": {"name": "lora", "r": 4, "dropout": 0.0} if method == "lora" else {"name": "full"},
         "train": {"max_steps": STEPS, "batch_size": batch, "lr": 1e-2 if method == "lora" else 1e-3,
                   "precision": "fp32", "tensorboard": False, "save_every": 2, "warmup": 1},
@@ -72,6 +72,9 @@ def test_two_processes_end_where_one_does_at_the_same_global_batch(method, llama
     for r1, r2 in zip(s1, s2, strict=True):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)  # the whole batch's loss, over both processes
         assert r2["trained_tokens"] == r1["trained_tokens"]
+    e1, e2 = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert e2["eval_tokens"] == e1["eval_tokens"]  # each process scored half the eval set; the sums agree
+    assert e2["eval_loss"] == pytest.approx(e1["eval_loss"], rel=1e-4)
 
 
 def test_a_killed_two_process_run_resumes_bit_identical(llama_dir, data, tmp_path):

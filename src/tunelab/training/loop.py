@@ -31,7 +31,7 @@ from tunelab.inference.loss import evaluate_loss
 from tunelab.methods import METHODS
 from tunelab.methods.registry import load_trainable
 from tunelab.objectives import OBJECTIVES
-from tunelab.objectives.registry import RunContext
+from tunelab.objectives.registry import RunContext, Runtime
 from tunelab.runconfig import RunConfig
 from tunelab.training import checkpoint
 from tunelab.training.events import Event, EventHook, Kind
@@ -280,11 +280,22 @@ class Loop:
             self.model.train()
             return {f"eval_{k}": v for k, v in own.items()}
         d = self.cfg.data
+        world = self.accelerator.num_processes
+        # several processes share a plain loss's eval set (its statistics are sums); an objective's own
+        # statistics (means) are computed on the whole set by every process
+        shared = world > 1 and type(self.runtime) is Runtime
+        part = examples[self.accelerator.process_index :: world] if shared else examples
         loss = evaluate_loss(
-            self.accelerator.unwrap_model(self.model), examples, batch_size=self.cfg.train.batch_size,
+            self.accelerator.unwrap_model(self.model), part, batch_size=self.cfg.train.batch_size,
             pad_id=self.pad_id, packing=d.packing, max_length=d.max_length, autocast=self.accelerator.autocast,
             loss=self.runtime.loss,
         )
+        if shared:
+            sums = torch.tensor([loss["loss"] * loss["tokens"], loss["tokens"]], dtype=torch.float64,
+                                device=self.accelerator.device)
+            total, tokens = (float(x) for x in self.accelerator.reduce(sums, "sum"))
+            mean = total / max(tokens, 1.0)
+            loss = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
         return {f"eval_{k}": v for k, v in {**loss, **self.runtime.stats()}.items()}
 
     def _evaluate_tasks(self, sets: dict[str, list[Example]]) -> dict[str, float]:
