@@ -13,6 +13,7 @@ from tunelab.modeling.load import resolve_path
 from tunelab.recipes.build_base import load_recipe
 from tunelab.recipes.compare.spec import cells, load_spec
 from tunelab.recipes.continual import read_spec
+from tunelab.recipes.meta import load_meta_config
 from tunelab.runconfig import build_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -43,6 +44,11 @@ def test_config_loads_and_builds(path):
         spec, root = load_spec(path)
         built = cells(spec, root, lambda task: {})
         assert built and [c.key for c in built if c.error] == []
+        return
+    if path.name.startswith("meta-"):  # a meta-learning config: a run config plus its `meta:` section
+        cfg, _ = load_meta_config(path)
+        trainable, total = build_on_meta(cfg)
+        assert 0 < trainable <= total
         return
     if path.name.startswith("continual-"):  # a continual config: its stages, strategy and shared run config
         spec, raw = read_spec(path)

@@ -57,6 +57,8 @@ RUN = "run"
 NETWORK = "network: installs from the package index"
 BENCH = "minutes long; its numbers are published in docs/results/ by this benchmark"
 SUITE = "runs the test suite, which holds this file"
+META = ("meta-training and few-shot evaluation over whole task families (minutes): tests/test_meta.py runs "
+        "meta_train and adapt_eval end to end on a tiny model, bench/regimes_meta.py at full size")
 SERVER = ("a server that runs until stopped, or a request to one: tests/test_serve.py starts it on a socket and "
           "sends these")
 
@@ -210,6 +212,10 @@ COMMANDS: dict[str, str] = {
     # docs/methods/pasta.md
     "tunelab train configs/pasta.yaml": RUN,
     "tunelab eval runs/pasta --task tinyworld:skills@counting-test": RUN,
+    # docs/meta.md
+    "tunelab meta configs/meta-lora.yaml --out runs/meta": META,
+    "tunelab meta-eval runs/meta": META,
+    "tunelab meta-eval base --config configs/meta-lora.yaml": META,
     # docs/rl.md
     "tunelab train configs/rl-grpo.yaml": RUN,
     "tunelab train configs/rl-grpo.yaml objective.loss_type=dr_grpo output.dir=runs/rl-dr-grpo": RUN,

@@ -126,6 +126,49 @@ def continual(
 
 
 @app.command()
+def meta(
+    config: str = typer.Argument(..., help="a run config plus a `meta:` section (docs/meta.md)"),
+    overrides: list[str] = OVERRIDES,
+    out: str | None = typer.Option(None, "--out", help="default: runs/meta-<algorithm>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start over a meta run tunelab wrote there"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty folder tunelab did not make, beside "
+                               "its files"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Meta-learning: MAML, first-order MAML or Reptile over a task family; writes OUT/init.safetensors."""
+    from tunelab import api
+
+    api.meta_train(config_path_of(config), overrides or [], out, quiet=quiet, overwrite=overwrite, force=force)
+
+
+@app.command("meta-eval")
+def meta_eval(
+    init: str = typer.Argument(..., help="`base`, a `tunelab meta` folder, a run folder or a .safetensors file"),
+    overrides: list[str] = OVERRIDES,
+    config: str | None = typer.Option(None, "--config", help="the meta config (when INIT carries none)"),
+    steps: list[int] = typer.Option(None, "--steps", min=1, help="adaptation steps to measure after (default: 1 5 "
+                                    "20); repeatable"),
+    tasks: str | None = typer.Option(None, "--tasks", help="the unseen tasks (default: the config's eval_tasks)"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="the first N tasks only"),
+    lr: float | None = typer.Option(None, "--lr"),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="sgd | adam"),
+    seed: int | None = typer.Option(None, "--seed"),
+    json_out: str | None = typer.Option(None, "--json", help="also write the result to this file"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Few-shot adaptation on unseen tasks: exact match and query loss after k steps from INIT."""
+    from tunelab import api
+
+    result = api.adapt_eval(init, config_path_of(config) if config else None, steps or None, overrides=overrides or [],
+                            tasks=tasks, limit=limit, lr=lr, optimizer=optimizer, seed=seed, quiet=quiet)
+    if json_out:
+        from pathlib import Path
+
+        Path(json_out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    typer.echo(api.adapt_table(result))
+
+
+@app.command()
 def serve(
     model: str = typer.Argument(..., help="run dir, adapter dir, model dir, hub id or tunelab-tiny"),
     adapters: list[str] = typer.Option(None, "--adapter", help="NAME=RUN: a peft adapter (LoRA-like run or adapter "
