@@ -38,7 +38,6 @@ from tunelab.objectives.alignment_losses import (
 )
 from tunelab.objectives.grpo import (
     REWARDS,
-    GroupStream,
     Rollout,
     contains_answer,
     exact_match,
@@ -46,6 +45,7 @@ from tunelab.objectives.grpo import (
     prompt_of,
     register_reward,
 )
+from tunelab.objectives.ppo import RolloutStream
 from tunelab.objectives.registry import RunContext
 from tunelab.runconfig import build_config, load_config
 
@@ -363,7 +363,7 @@ def test_a_rollout_samples_each_prompt_g_times_and_scores_them_in_groups(llama_d
                                                                          loss_type):
     runtime, stream, policy, examples = make_runtime(llama_dir, tok, files, reward=length_reward, beta=0.1,
                                                      loss_type=loss_type, epochs=2)
-    assert isinstance(stream, GroupStream) and runtime.reference.kind == "adapter-disabled policy"
+    assert isinstance(stream, RolloutStream) and runtime.reference.kind == "adapter-disabled policy"
     assert stream.micro_batches_per_epoch() == 2 * math.ceil(2 * 3 / 4)
     mbs = stream.next_group(4)  # one rollout: 2 epochs x (4 + 2) replies
     assert runtime.pending is None and runtime.n_rollouts == 1

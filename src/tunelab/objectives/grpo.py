@@ -82,7 +82,7 @@ from tunelab.objectives.alignment_losses import (
     token_logps,
 )
 from tunelab.objectives.frozen import Reference, load_frozen, unwrap
-from tunelab.objectives.ppo import gather, minibatch, plot_reward_curve, right_pad, spread
+from tunelab.objectives.ppo import RolloutStream, gather, minibatch, plot_reward_curve, right_pad, spread
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
 
 # ----------------------------------------------------------------------------- verifiable rewards
@@ -255,31 +255,6 @@ class Rollout:
         return out
 
 
-class GroupStream:
-    """The loop's stream: minibatches of the current rollout; a new rollout when it is used up."""
-
-    def __init__(self, runtime: GroupRuntime, prompts: Any):
-        self.runtime, self.prompts = runtime, prompts
-
-    def micro_batches_per_epoch(self) -> int:
-        cfg = self.runtime.cfg
-        return cfg.epochs * -(-cfg.prompts_per_rollout * cfg.num_generations // self.runtime.batch_size)
-
-    def state(self) -> dict[str, Any]:
-        return self.prompts.state()
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.prompts.restore(state)  # the rest of the rollout comes back with the runtime's state
-
-    def next_group(self, n: int) -> list[MicroBatch]:
-        out = []
-        for _ in range(n):
-            if self.runtime.pending is None:
-                self.runtime.rollout(self.prompts.next_examples(self.runtime.cfg.prompts_per_rollout))
-            out.append(self.runtime.next_minibatch())
-        return out
-
-
 # ----------------------------------------------------------------------------- the runtime
 
 
@@ -320,8 +295,10 @@ class GroupRuntime(Runtime):
 
     # -------------------------------------------------------------- the loop's hooks
 
-    def stream(self, default: Any) -> GroupStream:
-        return GroupStream(self, default)
+    def stream(self, default: Any) -> RolloutStream:
+        cfg = self.cfg
+        replies = cfg.prompts_per_rollout * cfg.num_generations
+        return RolloutStream(self, default, cfg.prompts_per_rollout, cfg.epochs * -(-replies // self.batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         return {"n_rollouts": self.n_rollouts, "history": self.history, "rollout_stats": self.rollout_stats,

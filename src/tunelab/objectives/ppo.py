@@ -201,14 +201,16 @@ class Rollout:
 
 
 class RolloutStream:
-    """The loop's stream for PPO: minibatches of the current rollout; a new rollout when used up."""
+    """The loop's stream for the rollout objectives (ppo, grpo, rloo): minibatches of the current rollout
+    (`runtime.pending`, taken by `runtime.next_minibatch()`); `runtime.rollout(prompts)` samples the next
+    one from `per_rollout` prompts when it is used up. An "epoch" is one rollout's minibatches."""
 
-    def __init__(self, runtime: PPORuntime, prompts: Any):
+    def __init__(self, runtime: Any, prompts: Any, per_rollout: int, minibatches: int):
         self.runtime, self.prompts = runtime, prompts
+        self.per_rollout, self.minibatches = per_rollout, minibatches
 
     def micro_batches_per_epoch(self) -> int:
-        cfg, b = self.runtime.cfg, self.runtime.batch_size
-        return cfg.ppo_epochs * -(-cfg.rollout_prompts // b)
+        return self.minibatches
 
     def state(self) -> dict[str, Any]:
         return self.prompts.state()
@@ -220,7 +222,7 @@ class RolloutStream:
         out = []
         for _ in range(n):
             if self.runtime.pending is None:
-                self.runtime.rollout(self.prompts.next_examples(self.runtime.cfg.rollout_prompts))
+                self.runtime.rollout(self.prompts.next_examples(self.per_rollout))
             out.append(self.runtime.next_minibatch())
         return out
 
@@ -256,7 +258,9 @@ class PPORuntime(Runtime):
     # -------------------------------------------------------------- the loop's hooks
 
     def stream(self, default: Any) -> RolloutStream:
-        return RolloutStream(self, default)
+        cfg = self.cfg
+        return RolloutStream(self, default, cfg.rollout_prompts, cfg.ppo_epochs * -(-cfg.rollout_prompts //
+                                                                                   self.batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl": self.kl.state_dict(), "n_rollouts": self.n_rollouts, "history": self.history,
