@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
 from tests.test_methods_contract import REQUIRED
@@ -46,6 +46,8 @@ def test_train_reload_and_merged_export(name, llama_dir, chat_data, tmp_path, mo
     trained = built[0].eval()
     loaded, _ = tunelab.load(result.run_dir)
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    # start as a chat turn does: a method that adapts special tokens (PASTA) acts from there on
+    ids[:, 0] = AutoTokenizer.from_pretrained(str(llama_dir)).convert_tokens_to_ids("<|im_start|>")
     atol = RELOAD_ATOL.get(name, 1e-5)
     def logits(model):  # the input's positions (prompt-learning models prepend virtual ones)
         return model(input_ids=ids).logits[:, -ids.shape[1]:]
