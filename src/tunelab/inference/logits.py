@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.data.collate import block_causal_mask
 from tunelab.data.types import IGNORE
+
+# peft's prompt-learning types whose virtual tokens are prepended input embeddings
+PREPENDED = ("PROMPT_TUNING", "P_TUNING")
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +37,42 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (B, T, V) for the batch's T tokens. Prompt-learning models (prompt tuning, P-tuning)
     prepend virtual-token positions to their logits; those are dropped. use_cache=False: with no KV
-    cache transformers builds the block-diagonal mask of packed rows from the position ids."""
+    cache transformers builds the block-diagonal mask of packed rows from the position ids. A model that
+    declares `tunelab_task_ids` (multitask prompt tuning) also gets a multi-task batch's `task_ids`."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "position_ids" in inputs and _prepends_prompt(model):
+        return packed_prompt_logits(model, inputs["input_ids"], inputs["position_ids"])
+    if "task_ids" in batch and getattr(getattr(model, "module", model), "tunelab_task_ids", False):
+        inputs["task_ids"] = batch["task_ids"]  # (B, T)
     return model(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1]:]
+
+
+def _prepends_prompt(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)
+    cfg = getattr(inner, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False)) and str(getattr(cfg, "peft_type", "")).split(".")[-1] in (
+        PREPENDED)
+
+
+def packed_prompt_logits(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of a prompt-tuning / P-tuning model on packed rows, each example computed as
+    if it were alone: the n virtual tokens come once at the head of the row, every example sees them
+    and its own earlier tokens only (a block-causal mask), and its positions restart at n - exactly
+    what peft computes for the example unpacked ([P; x] at positions 0..n+len-1). peft itself drops
+    `position_ids` for these methods, so without this packed examples would see each other."""
+    inner = getattr(model, "module", model)
+    n = inner.active_peft_config.num_virtual_tokens
+    b, t = input_ids.shape
+    embeds = inner.word_embeddings(input_ids)  # (B, T, H)
+    prompts = inner.get_prompt(batch_size=b).to(embeds.dtype)  # (B, n, H)
+    x = torch.cat([prompts, embeds], dim=1)  # (B, n+T, H)
+    virtual = torch.arange(n, device=input_ids.device).expand(b, n)
+    positions = torch.cat([virtual, position_ids + n], dim=1)  # (B, n+T)
+    low = torch.finfo(embeds.dtype).min
+    mask = torch.full((b, 1, n + t, n + t), low, dtype=embeds.dtype, device=input_ids.device)
+    mask[:, :, :n, :n] = torch.zeros(n, n, dtype=embeds.dtype, device=input_ids.device).masked_fill(
+        ~torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril(), low)  # virtual tokens: causal
+    mask[:, :, n:, :n] = 0  # every token sees every virtual token
+    mask[:, :, n:, n:] = block_causal_mask(position_ids, embeds.dtype).to(input_ids.device)
+    out = inner.base_model(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.logits[:, n:]

@@ -17,7 +17,8 @@ tokens enter and how they are parameterised.
 Departures: P-tuning's virtual tokens are all prepended (peft's form), not interleaved with
 anchor tokens as in the paper. `prompt` and `ptuning` lengthen the sequence: the model's logits
 cover n + T positions, the first n belonging to the virtual tokens. peft ignores `position_ids`
-for them, so packed batches (whose position ids restart per document) are not supported.
+for them; packed batches go through inference/logits.packed_prompt_logits instead, which gives
+each packed example what it would get alone.
 On the meta device (`tunelab methods --model`, `method_cost`) `init: text` falls back to random
 init: the parameter count is the same and no tokenizer is needed.
 """
