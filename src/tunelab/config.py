@@ -375,7 +375,8 @@ def pick_config(kind: str, value: Any, registry: dict[str, Any]) -> Any:
 # The registered names, known without importing a method or objective (their modules import torch):
 # a misspelt name is caught in a fraction of a second. tests/test_cli.py keeps them equal to the registries.
 METHOD_NAMES = ("adalora", "adapters", "bitfit", "diff_pruning", "dylora", "features", "full", "head", "krona",
-                "lora", "ltsft", "partial", "pasta", "peft", "prefix", "prompt", "ptuning", "qlora", "threshold_mask")
+                "lora", "lst", "ltsft", "mpt", "partial", "pasta", "peft", "prefix", "prompt", "ptuning", "qlora",
+                "threshold_mask")
 OBJECTIVE_NAMES = ("classify", "contrastive", "distill", "dpo", "grpo", "kto", "lm", "orpo", "ppo", "reward", "rloo",
                    "sft", "simpo")
 

@@ -10,7 +10,7 @@ from tunelab.data.collate import block_causal_mask
 from tunelab.data.types import IGNORE
 
 # peft's prompt-learning types whose virtual tokens are prepended input embeddings
-PREPENDED = ("PROMPT_TUNING", "P_TUNING")
+PREPENDED = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +40,10 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     cache transformers builds the block-diagonal mask of packed rows from the position ids. A model that
     declares `tunelab_task_ids` (multitask prompt tuning) also gets a multi-task batch's `task_ids`."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "position_ids" in inputs and _prepends_prompt(model):
-        return packed_prompt_logits(model, inputs["input_ids"], inputs["position_ids"])
     if "task_ids" in batch and getattr(getattr(model, "module", model), "tunelab_task_ids", False):
         inputs["task_ids"] = batch["task_ids"]  # (B, T)
+    if "position_ids" in inputs and _prepends_prompt(model):
+        return packed_prompt_logits(model, inputs["input_ids"], inputs["position_ids"], inputs.get("task_ids"))
     return model(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1]:]
 
 
@@ -54,8 +54,9 @@ def _prepends_prompt(model: nn.Module) -> bool:
         PREPENDED)
 
 
-def packed_prompt_logits(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) of a prompt-tuning / P-tuning model on packed rows, each example computed as
+def packed_prompt_logits(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                         task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of a prompt-tuning / P-tuning / MPT model on packed rows, each example computed as
     if it were alone: the n virtual tokens come once at the head of the row, every example sees them
     and its own earlier tokens only (a block-causal mask), and its positions restart at n - exactly
     what peft computes for the example unpacked ([P; x] at positions 0..n+len-1). peft itself drops
@@ -64,7 +65,8 @@ def packed_prompt_logits(model: nn.Module, input_ids: torch.Tensor, position_ids
     n = inner.active_peft_config.num_virtual_tokens
     b, t = input_ids.shape
     embeds = inner.word_embeddings(input_ids)  # (B, T, H)
-    prompts = inner.get_prompt(batch_size=b).to(embeds.dtype)  # (B, n, H)
+    kw = {} if task_ids is None else {"task_ids": task_ids}  # MPT: one task per row (methods/mpt.py)
+    prompts = inner.get_prompt(batch_size=b, **kw).to(embeds.dtype)  # (B, n, H)
     x = torch.cat([prompts, embeds], dim=1)  # (B, n+T, H)
     virtual = torch.arange(n, device=input_ids.device).expand(b, n)
     positions = torch.cat([virtual, position_ids + n], dim=1)  # (B, n+T)
