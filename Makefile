@@ -11,11 +11,16 @@ TORCH_PIN := requirements/torch-cpu.txt
 FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 LATEST := .venv-latest
 
-.PHONY: install demo test lint bench lock test-latest clean
+.PHONY: install browser demo test lint bench lock test-latest clean
+
+# llama-cpp-python (export --gguf's check and quantizer) builds llama.cpp from its sdist: the library
+# only, on every core; pip caches the wheel, so this costs minutes once per machine.
+LLAMA_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -28,7 +33,17 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports
 
-test: lint
+# tests/test_ui.py drives Debian's chromium through Playwright (no browser is downloaded): installed here as
+# root, else the one line saying how.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; \
+	  else echo "error: chromium is missing (tests/test_ui.py drives it): sudo apt-get install -y chromium" >&2; \
+	    exit 1; fi; }
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -42,7 +57,7 @@ lock: install
 
 # The suite against the newest releases the ranges allow (no lock; torch stays $(TORCH_PIN)),
 # to see an upstream break before users do. Not part of .ci/run.
-test-latest:
+test-latest: browser
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
