@@ -62,6 +62,14 @@ META = ("meta-training and few-shot evaluation over whole task families (minutes
 SERVER = ("a server that runs until stopped, or a request to one: tests/test_serve.py starts it on a socket and "
           "sends these")
 
+GGUF = ("llama.cpp's converter needs a GPT-2-regex tokenizer, which the docs' stand-in for tunelab-tiny lacks; "
+        "tests/test_gguf.py runs this export end to end (llama.cpp's converter and runtime) on a tiny Llama with one")
+GGUF_ELSEWHERE = ("runs the exported file in llama.cpp's CLI, Ollama or llama-cpp-python on an export the previous "
+                  "command made; tests/test_gguf.py loads such exports with llama-cpp-python")
+UI = ("the web UI, a server that runs until stopped: tests/test_ui.py starts it on a socket and drives it with "
+      "Chromium")
+UI_SHOTS = "the browser test of tests/test_ui.py, writing the screenshots of docs/ui.md"
+
 COMPARE = ("trains its cells in child processes, which load the real base (minutes); tests/test_compare.py runs "
            "compare end to end on tiny models")
 # Every command of the docs: RUN, or why it does not run here.
@@ -209,6 +217,15 @@ COMMANDS: dict[str, str] = {
     "runs --nproc 2 on a tiny model and compares it with one process",
     "torchrun --nproc-per-node 2 -m tunelab train configs/sft-lora.yaml": "the same run, launched by torchrun "
     "itself (tests/test_distributed.py)",
+    # docs/methods/lst.md
+    "tunelab train configs/lst.yaml": RUN,
+    "tunelab eval runs/lst --task tinyworld:skills@counting-test": RUN,
+    "python bench/lst_memory.py": "loads the real embedded base in a subprocess; its numbers are published in "
+    "docs/results/lst-memory.json and docs/results/methods.md",
+    # docs/methods/mpt.md
+    "tunelab train configs/mpt.yaml": RUN,
+    "tunelab train configs/mpt-target.yaml": RUN,
+    "tunelab eval runs/mpt-target --task tinyworld:skills@counting-test": RUN,
     # docs/methods/pasta.md
     "tunelab train configs/pasta.yaml": RUN,
     "tunelab eval runs/pasta --task tinyworld:skills@counting-test": RUN,
@@ -233,6 +250,18 @@ COMMANDS: dict[str, str] = {
     "curl -s localhost:8000/v1/models": SERVER,
     "curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\": \"sft-lora\", "
     "\"messages\": [{\"role\": \"user\", \"content\": \"Where does Ada Quinn live?\"}]}'": SERVER,
+    # docs/ui.md
+    "tunelab ui": UI,
+    "tunelab ui --runs runs --runs experiments --port 8600": UI,
+    "tunelab ui --model tunelab-tiny --adapter lora=runs/sft-lora --adapter dora=runs/sft-dora": UI,
+    "TUNELAB_UI_SHOTS=docs/ui .venv/bin/python -m pytest -q tests/test_ui.py -k chromium": UI_SHOTS,
+    # docs/export.md
+    "tunelab train configs/sft-lora.yaml output.dir=runs/sft-lora": RUN,
+    "tunelab export runs/sft-lora --out exports/sft-lora-gguf --gguf q8_0 --ollama": GGUF,
+    "llama-cli -m exports/sft-lora-gguf/model.q8_0.gguf -cnv": GGUF_ELSEWHERE,
+    "ollama create tunelab-sft -f exports/sft-lora-gguf/Modelfile": GGUF_ELSEWHERE,
+    "python -c \"from llama_cpp import Llama; print(Llama('exports/sft-lora-gguf/model.q8_0.gguf')"
+    ".create_chat_completion([{'role': 'user', 'content': 'Where does Ada live?'}]))\"": GGUF_ELSEWHERE,
     # docs/nonparametric.md
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@paraphrases --icl-k 8 --icl select=similar": RUN,
     "tunelab rag index --docs tinyworld:new-facts@knowledge --out runs/kb": RUN,

@@ -193,6 +193,34 @@ def serve(
               allow_pickle=allow_pickle)
 
 
+@app.command()
+def ui(
+    runs: list[str] = typer.Option(None, "--runs", help="a folder of run dirs, configs and compare reports the UI "
+                                   "may read (default: runs); repeatable"),
+    host: str = typer.Option("127.0.0.1", "--host", help="another address than loopback needs --token"),
+    port: int = typer.Option(8500, "--port", min=1, max=65535),
+    token: str | None = typer.Option(None, "--token", envvar="TUNELAB_SERVE_TOKEN",
+                                     help="every request must carry it (log in at /login, or Authorization: Bearer)"),
+    model: str | None = typer.Option(None, "--model", help="the chat pane's model: run dir, model dir, hub id or "
+                                     "tunelab-tiny"),
+    adapters: list[str] = typer.Option(None, "--adapter", help="NAME=RUN: a peft adapter over --model for the chat "
+                                       "pane; repeatable"),
+    trust_remote_code: bool = TRUST_CODE,
+    allow_pickle: bool = ALLOW_PICKLE,
+) -> None:
+    """A local web UI: runs with live curves, compare reports, data check, start/stop training, chat."""
+    from tunelab.ui import run_ui
+
+    named = {}
+    for item in adapters or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{item!r}: write NAME=RUN", param_hint="--adapter")
+        named[name] = path
+    run_ui(runs or ["runs"], host=host, port=port, token=token, model=model, adapters=named,
+           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, say=lambda line: typer.echo(line, err=True))
+
+
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run dir, model dir, adapter dir or hub id"),
@@ -298,13 +326,22 @@ def export(
     allow_pickle: bool = ALLOW_PICKLE,
     rank: int | None = typer.Option(None, "--rank", min=1, help="a DyLoRA run at rank k (1..r): merged at k, or "
                                     "a delta that loads at k"),
+    gguf: str | None = typer.Option(None, "--gguf", help="also write the merged model as one GGUF file for "
+                                    "llama.cpp / Ollama / LM Studio at this quant: f16, q8_0 or q4_k_m"),
+    gguf_adapter: bool = typer.Option(False, "--gguf-adapter", help="a LoRA run: its adapter as a LoRA GGUF "
+                                      "(adapter.gguf) beside the base as base.f16.gguf"),
+    ollama: bool = typer.Option(False, "--ollama", help="with --gguf / --gguf-adapter: an Ollama Modelfile "
+                                "(template and stop tokens)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="after a merge: merged vs adapter logits; after a "
+                               "GGUF export: llama.cpp vs transformers on 50 held-out questions (README.md)"),
 ) -> None:
-    """Export a trained model: its adapter, or merged into the base. A previous export in --out is
-    replaced; a folder with other files is refused (see --force)."""
+    """Export a trained model: its adapter, or merged into the base, or as GGUF for llama.cpp. A
+    previous export in --out is replaced; a folder with other files is refused (see --force)."""
     from tunelab import api
 
     typer.echo(str(api.export(run, out, merge=merge, force=force, trust_remote_code=trust_remote_code,
-                              allow_pickle=allow_pickle, rank=rank)))
+                              allow_pickle=allow_pickle, rank=rank, gguf=gguf, gguf_adapter=gguf_adapter,
+                              ollama=ollama, check=check)))
 
 
 @data_app.command("check")

@@ -14,28 +14,54 @@ from tunelab.errors import TunelabError
 from tunelab.methods import METHODS
 from tunelab.methods.dylora import set_rank
 from tunelab.modeling.load import check_weight_files
+from tunelab.recipes.gguf import QUANTS
+from tunelab.recipes.gguf_export import check_lora, merge_check, write_checks, write_gguf, write_gguf_adapter
 
 
 def export(
     run: str | Path, out: str | Path, *, merge: bool = False, force: bool = False, trust_remote_code: bool = False,
-    allow_pickle: bool = False, rank: int | None = None,
+    allow_pickle: bool = False, rank: int | None = None, gguf: str | None = None, gguf_adapter: bool = False,
+    ollama: bool = False, check: bool = True,
 ) -> Path:
     """Write a run's final model to `out`: as it is (adapter, delta or full model), or with
     `merge` folded into the base weights as a plain transformers model. `rank`: a DyLoRA run at
     rank k (1 <= k <= r): merged with B[:, :k] A[:k], or as a delta that loads at rank k.
 
     Written beside `out` and renamed into place (owned.install): a previous export there is
-    replaced, a folder tunelab did not write is refused (with `force`: written beside its files)."""
+    replaced, a folder tunelab did not write is refused (with `force`: written beside its files).
+
+    `gguf` (a quant: f16, q8_0, q4_k_m): also the merged model as one GGUF file for llama.cpp;
+    `gguf_adapter`: a LoRA run's adapter as a LoRA GGUF beside the base as an f16 GGUF; `ollama`: a
+    Modelfile beside the GGUF. `check` (default on): merged vs adapter logits after a merge, and
+    llama.cpp vs transformers after a GGUF export (recipes/gguf.py), written into the export's
+    README.md and export_check.json."""
     src = Path(run) / "final" if (Path(run) / "config.yaml").is_file() else Path(run)
     out = Path(out)
     owned.preflight(out, "export", what="--out", force=force)
     check_weight_files(src)
     if rank is not None:
         _check_rank(src, rank)
+    if gguf is not None and gguf_adapter:
+        raise TunelabError("--gguf and --gguf-adapter: pick one", fix="--gguf for a merged model, --gguf-adapter for "
+                           "a LoRA adapter that llama.cpp applies to the base at load")
+    if ollama and gguf is None and not gguf_adapter:
+        raise TunelabError("--ollama writes a Modelfile for a GGUF export", fix="add --gguf QUANT (e.g. --gguf q8_0)")
+    if gguf is not None and gguf not in QUANTS:
+        raise TunelabError(f"--gguf {gguf}: not one of {', '.join(QUANTS)}", fix="e.g. --gguf q8_0")
+    if gguf_adapter:
+        check_lora(src)
     tmp = owned.staging(out)
     try:
-        if merge:
+        if merge or gguf is not None:
             _save_merged(run, src, tmp, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, rank=rank)
+            checks = {"merge": merge_check(run, tmp, trust_remote_code=trust_remote_code,
+                                           allow_pickle=allow_pickle, rank=rank)} if check else {}
+            if gguf is not None:
+                checks.update(write_gguf(tmp, quant=gguf, ollama=ollama, check=check))
+            write_checks(tmp, checks)
+        elif gguf_adapter:
+            shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
+            write_checks(tmp, write_gguf_adapter(tmp, ollama=ollama, check=check))
         else:
             shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
             if rank is not None:  # the delta keeps every factor; it loads (and merges) at this rank
