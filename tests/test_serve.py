@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 import uvicorn
 
+from tests import tiny
 from tunelab.artifacts import load
 from tunelab.errors import TunelabError
 from tunelab.inference.generation import greedy
@@ -28,23 +28,7 @@ QUESTIONS = ["what colour is the box?", "what colour is the cup?", "name a colou
 
 @pytest.fixture(scope="module")
 def adapters(llama_dir, tmp_path_factory) -> dict[str, str]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = {}
-    for i, name in enumerate(("a", "b")):
-        torch.manual_seed(100 + i)
-        base = AutoModelForCausalLM.from_pretrained(str(llama_dir), torch_dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                init_lora_weights=False))  # random B: each adapter answers its own way
-        path = tmp_path_factory.mktemp(f"adapter-{name}")
-        model.save_pretrained(str(path))
-        AutoTokenizer.from_pretrained(str(llama_dir)).save_pretrained(str(path))  # as tunelab saves adapters
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(llama_dir)
-        (path / "adapter_config.json").write_text(json.dumps(cfg))
-        out[name] = str(path)
-    return out
+    return tiny.lora_adapters(llama_dir, tmp_path_factory.mktemp("adapters"))
 
 
 def _free_port() -> int:

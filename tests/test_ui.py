@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from fastapi.testclient import TestClient
 
+from tests import tiny
 from tunelab.errors import TunelabError
 from tunelab.recipes.serve import load_served
 from tunelab.ui import Roots, create_ui_app, run_ui
@@ -255,24 +255,7 @@ def test_with_a_token_every_request_carries_it(tree):
 
 @pytest.fixture(scope="module")
 def adapters(llama_dir, tmp_path_factory) -> dict[str, str]:
-    """Two LoRA adapters with random B over the tiny Llama: each answers its own way (as tests/test_serve.py)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = {}
-    for i, name in enumerate(("a", "b")):
-        torch.manual_seed(100 + i)
-        base = AutoModelForCausalLM.from_pretrained(str(llama_dir), torch_dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                init_lora_weights=False))
-        path = tmp_path_factory.mktemp(f"adapter-{name}")
-        model.save_pretrained(str(path))
-        AutoTokenizer.from_pretrained(str(llama_dir)).save_pretrained(str(path))
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(llama_dir)
-        (path / "adapter_config.json").write_text(json.dumps(cfg))
-        out[name] = str(path)
-    return out
+    return tiny.lora_adapters(llama_dir, tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="module")

@@ -88,3 +88,25 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def quiet(_: str) -> None:
     """A `say` that prints nothing (runtimes' progress lines in tests)."""
+
+
+def lora_adapters(llama_dir: Path, root: Path, names: tuple[str, ...] = ("a", "b")) -> dict[str, str]:
+    """LoRA adapters with random B over the tiny Llama at `llama_dir`, saved as tunelab saves them (with the
+    tokenizer, the base's path in adapter_config.json): each answers its own way (serve and ui tests)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    out = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                init_lora_weights=False))
+        path = root / f"adapter-{name}"
+        model.save_pretrained(str(path))
+        AutoTokenizer.from_pretrained(str(llama_dir)).save_pretrained(str(path))
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = str(llama_dir)
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+        out[name] = str(path)
+    return out

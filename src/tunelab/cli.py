@@ -168,6 +168,17 @@ def meta_eval(
     typer.echo(api.adapt_table(result))
 
 
+def _named_adapters(items: list[str] | None) -> dict[str, str]:
+    """`--adapter NAME=RUN` options as {name: run}."""
+    named = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"{item!r}: write NAME=RUN", param_hint="--adapter")
+        named[name] = path
+    return named
+
+
 @app.command()
 def serve(
     model: str = typer.Argument(..., help="run dir, adapter dir, model dir, hub id or tunelab-tiny"),
@@ -183,12 +194,7 @@ def serve(
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (streaming), /v1/models."""
     from tunelab import api
 
-    named = {}
-    for item in adapters or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise typer.BadParameter(f"{item!r}: write NAME=RUN", param_hint="--adapter")
-        named[name] = path
+    named = _named_adapters(adapters)
     api.serve(model, named, host=host, port=port, token=token, trust_remote_code=trust_remote_code,
               allow_pickle=allow_pickle)
 
@@ -211,12 +217,7 @@ def ui(
     """A local web UI: runs with live curves, compare reports, data check, start/stop training, chat."""
     from tunelab.ui import run_ui
 
-    named = {}
-    for item in adapters or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise typer.BadParameter(f"{item!r}: write NAME=RUN", param_hint="--adapter")
-        named[name] = path
+    named = _named_adapters(adapters)
     run_ui(runs or ["runs"], host=host, port=port, token=token, model=model, adapters=named,
            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, say=lambda line: typer.echo(line, err=True))
 

@@ -71,15 +71,7 @@ def metrics_after(run: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     except OSError:
         return [], 0
     end = chunk.rfind(b"\n") + 1
-    rows = []
-    for line in chunk[:end].splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(_finite(row))
-    return rows, offset + end
+    return _rows(chunk[:end].splitlines()), offset + end
 
 
 def _tail_rows(run: Path) -> list[dict[str, Any]]:
@@ -90,8 +82,13 @@ def _tail_rows(run: Path) -> list[dict[str, Any]]:
             chunk = f.read(TAIL)
     except OSError:
         return []
+    return _rows(chunk.splitlines()[1 if size > TAIL else 0:])
+
+
+def _rows(lines: list[bytes]) -> list[dict[str, Any]]:
+    """The JSON objects among metrics.jsonl lines (a partial or bad line is skipped)."""
     rows = []
-    for line in chunk.splitlines()[1 if size > TAIL else 0:]:
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
