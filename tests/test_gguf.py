@@ -193,3 +193,34 @@ def test_gguf_adapter_applies_in_llama_cpp(tmp_path, tuned):
     assert all(e["transformers"] for e in check["examples"]), check["examples"]
     assert check["first_logits_max_abs_diff"] < 0.05 and check["greedy_agreement"] >= 0.95, check
     assert ("ADAPTER", "./adapter.gguf") in parse_modelfile((out / "Modelfile").read_text())
+
+
+def test_the_converter_source_is_checked(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    monkeypatch.setenv("TUNELAB_LLAMA_CPP", str(tmp_path / "nowhere"))
+    with pytest.raises(TunelabError, match="no convert_hf_to_gguf.py there"):
+        g.llama_cpp_dir()
+    monkeypatch.delenv("TUNELAB_LLAMA_CPP")
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    prefix = f"llama_cpp_python-{g.LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    sdist = tmp_path / "dl" / "llama_cpp_python.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tar:  # what the converter needs, and what it does not
+        for name in ("convert_hf_to_gguf.py", "conversion/base.py", "ggml/src/big.c", "../../outside.py"):
+            data = b"# " + name.encode()
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(g, "_download_sdist", lambda where: sdist)
+    monkeypatch.setattr(g, "SDIST_SHA256", "0" * 64)
+    with pytest.raises(TunelabError, match="is not the pinned"):
+        g.llama_cpp_dir()
+    root = tmp_path / "cache" / f"llama.cpp-{g.LLAMA_CPP_PYTHON}"
+    assert not root.exists()  # nothing unchecked is kept
+    monkeypatch.setattr(g, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    assert g.llama_cpp_dir() == root
+    assert (root / "convert_hf_to_gguf.py").is_file() and (root / "conversion" / "base.py").is_file()
+    assert not (root / "ggml").exists() and not (tmp_path / "cache" / "outside.py").exists()

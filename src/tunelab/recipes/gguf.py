@@ -61,6 +61,7 @@ def llama_cpp_dir() -> Path:
         return root
     with tempfile.TemporaryDirectory(prefix="tunelab-llama-cpp-") as tmp:
         sdist = _download_sdist(Path(tmp))
+        _check_sha(sdist)
         staged = Path(tmp) / "llama.cpp"
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
@@ -84,11 +85,14 @@ def _download_sdist(where: Path) -> Path:
         raise TunelabError(f"could not download llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON} sdist): "
                            f"{(done.stderr or done.stdout).strip().splitlines()[-1:] or ['pip failed']}",
                            fix="connect to PyPI once, or set TUNELAB_LLAMA_CPP to a llama.cpp checkout")
-    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise TunelabError(f"{files[0].name}: sha256 {digest} is not the pinned {SDIST_SHA256}",
-                           fix="check your package index; or set TUNELAB_LLAMA_CPP to a llama.cpp checkout")
     return files[0]
+
+
+def _check_sha(sdist: Path) -> None:
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        raise TunelabError(f"{sdist.name}: sha256 {digest} is not the pinned {SDIST_SHA256}",
+                           fix="check your package index; or set TUNELAB_LLAMA_CPP to a llama.cpp checkout")
 
 
 def _run_converter(script: str, args: Sequence[str]) -> None:
