@@ -11,9 +11,10 @@ log-likelihood, and a target margin gamma must separate chosen from rejected,
 
     loss = -log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma),  gamma = gamma_beta_ratio * beta
 
-parametrised by gamma/beta as the authors' trainer and TRL's CPO (`simpo_gamma`) are. Defaults:
-beta 2.0 (the paper's range is 2.0-2.5), gamma_beta_ratio 0.5 (TRL's default; the paper's
-Llama-3-Base setting, beta 2.0 with gamma 1.0; the authors' trainer defaults to 0.25). Not
+parametrised by gamma/beta as the authors' trainer is (TRL's CPO takes gamma itself: `simpo_gamma`
+= gamma_beta_ratio * beta; tests/test_trl_agreement.py). Defaults: beta 2.0 (the paper's range is
+2.0-2.5), gamma_beta_ratio 0.5 (the paper's Llama-3-Base setting, beta 2.0 with gamma 1.0; the
+authors' trainer defaults to 0.25). Not
 implemented: the authors' hinge variant, label smoothing and optional SFT term (`sft_weight`).
 Logged: accuracy, margin, reward_chosen, reward_rejected (rewards = beta * mean log-prob).
 
@@ -26,8 +27,8 @@ lam = `odds_ratio_weight` (TRL calls it `beta`), default 0.1 as in the paper. Th
 separate SFT stage unnecessary: the paper starts from the base model. log(1 - P) is computed
 stably (preference_losses.log1mexp; P within float epsilon of 1 is clamped there). Departure: the
 NLL is each chosen reply's mean over its tokens, summed over pairs and divided by the pairs (the
-paper's per-example mean); TRL averages over all chosen tokens of the batch, so long replies weigh
-more there. Logged: accuracy (log odds ratio > 0), log_odds_ratio, nll.
+paper's per-example mean); TRL averages over all chosen tokens of the batch, the prompt's included,
+so long replies and prompts weigh more there. Logged: accuracy (log odds ratio > 0), log_odds_ratio, nll.
 """
 
 from __future__ import annotations
