@@ -217,6 +217,13 @@ COMMANDS: dict[str, str] = {
     "runs --nproc 2 on a tiny model and compares it with one process",
     "torchrun --nproc-per-node 2 -m tunelab train configs/sft-lora.yaml": "the same run, launched by torchrun "
     "itself (tests/test_distributed.py)",
+    "tunelab train configs/sft-lora.yaml --nproc 2 train.distributed=fsdp": "starts 2 processes under torchrun, "
+    "FSDP2: tests/test_distributed.py runs it on a tiny model and compares it with one process",
+    'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)': "Slurm: inside an sbatch allocation "
+    "on several machines",
+    'srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 8 --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d '
+    '--rdzv-endpoint "$HEAD:29500" -m tunelab train configs/sft-lora.yaml train.distributed=fsdp '
+    'output.dir=/shared/runs/a': "Slurm: several machines with 8 GPUs each (no multi-node test here)",
     # docs/methods/lst.md
     "tunelab train configs/lst.yaml": RUN,
     "tunelab eval runs/lst --task tinyworld:skills@counting-test": RUN,

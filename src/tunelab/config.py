@@ -224,6 +224,10 @@ class TrainConfig(Section):
     max_consecutive_skips: int = Field(5, gt=0)
     log_every: int = Field(1, gt=0)
     tensorboard: bool = True
+    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="how several processes (--nproc, torchrun, accelerate launch) share the model: ddp "
+        "(each holds all of it), fsdp (FSDP2: each holds a shard; methods full and lora), deepspeed_zero2/3 "
+        "(writes RUN/deepspeed.json; not run by the loop yet). One process ignores it")
 
     @field_validator("adam_betas")
     @classmethod
@@ -231,6 +235,15 @@ class TrainConfig(Section):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _fsdp_combinations(self) -> TrainConfig:
+        if self.distributed == "fsdp" and self.select_best:
+            raise ValueError("select_best keeps a copy of the best weights, which FSDP holds in shards: "
+                             "set select_best=false or distributed=ddp")
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            raise ValueError("fp16 under FSDP needs a sharded loss scaler tunelab does not run: use precision=bf16")
+        return self
 
     @field_validator("warmup")
     @classmethod

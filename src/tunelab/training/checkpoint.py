@@ -36,18 +36,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
-    """Write a checkpoint with `write(tmp_dir)` and publish it atomically as `root/step-N`."""
+def tmp_dir(root: Path, step: int, pid: int) -> Path:
+    """Where checkpoint `step` is written before it commits (`clean_stale` removes leftovers)."""
+    return root / f".tmp-step-{step}-{pid}"
+
+
+def fresh(folder: Path) -> None:
+    """An empty `folder` (its parents made), whatever a crashed write left there."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+
+
+def commit(root: Path, step: int, write: Callable[[Path], None], keep_last: int, tmp: Path | None = None) -> Path:
+    """Write a checkpoint with `write(tmp_dir)` and publish it atomically as `root/step-N`. `tmp`: a temp
+    folder other processes already wrote into (sharded state, in subfolders); the manifest covers them."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = tmp_dir(root, step, os.getpid())
+        fresh(tmp)
     write(tmp)
     fault_point("save", step)
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for f in files:
         fsync(f)
-    manifest = {"step": step, "files": {f.name: _sha256(f) for f in files}}
+    for sub in {f.parent for f in files} - {tmp}:
+        fsync(sub)
+    manifest = {"step": step, "files": {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     fsync(tmp / MANIFEST)
     final = root / f"step-{step}"

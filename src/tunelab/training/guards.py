@@ -44,6 +44,19 @@ class StopSignal:
         self.requested = signal.Signals(signum).name
 
 
+def agreed(stop: StopSignal, accelerator: Any) -> bool:
+    """Whether to stop now, the same answer in every process: a signal may reach them a step apart (or
+    only one of them), and a process that stops while another steps leaves both waiting on each other
+    (FSDP gathers, DDP's all-reduce). One number per step, summed over the processes."""
+    if accelerator.num_processes > 1:
+        import torch
+
+        asked = accelerator.reduce(torch.tensor(float(bool(stop.requested)), device=accelerator.device), "sum")
+        if float(asked) > 0 and not stop.requested:
+            stop.requested = "a signal to another process"
+    return bool(stop.requested)
+
+
 class NonFiniteGuard:
     """Decides what a step whose loss or gradient norm is NaN/inf does: halt, or skip (capped)."""
 

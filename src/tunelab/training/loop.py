@@ -34,11 +34,13 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.registry import RunContext, Runtime
 from tunelab.runconfig import RunConfig
 from tunelab.training import checkpoint
+from tunelab.training.backends import backend_for
+from tunelab.training.dist import processes
 from tunelab.training.events import Event, EventHook, Kind
-from tunelab.training.guards import NonFiniteGuard, StopSignal, is_oom, oom_error
+from tunelab.training.guards import NonFiniteGuard, StopSignal, agreed, is_oom, oom_error
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.progress import Reporter
-from tunelab.training.state import load_training_state, save_training_state
+from tunelab.training.state import save_run_state, save_training_state
 
 
 def _digest(group: list[MicroBatch]) -> str:
@@ -94,8 +96,10 @@ class Loop:
         # runs in one process (tune's trials, continual stages, the API called twice) each start
         # their own. The distributed part (PartialState) stays.
         AcceleratorState._reset_state(reset_partial_state=False)
+        mixed = mixed_precision(t.precision)
+        self.backend = backend_for(self.cfg, self.run_dir, processes().num_processes, mixed)  # DDP / FSDP2
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision(t.precision),
+            mixed_precision=mixed,
             cpu=not torch.cuda.is_available(),
             log_with="tensorboard" if t.tensorboard else None,
             project_dir=str(self.run_dir),
@@ -117,9 +121,9 @@ class Loop:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()
-        opt = build_optimizer(self.model, t, self.method.optimizer(self.cfg.method))
-        self.model, self.opt = self.accelerator.prepare(self.model, opt)
-        self.sched = build_scheduler(opt, t, self.total_steps)
+        self.model, self.opt = self.backend.prepare(
+            self.accelerator, self.model, lambda m: build_optimizer(m, t, self.method.optimizer(self.cfg.method)))
+        self.sched = build_scheduler(self.opt.optimizer, t, self.total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips, self.run_dir)
         self.step = 0
@@ -160,18 +164,16 @@ class Loop:
 
     def save(self) -> Path | None:
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
         model = self.accelerator.unwrap_model(self.model)
-        path = checkpoint.commit(
-            self.ckpt_root, self.step,
-            lambda d: self._write_state(d, model),
-            self.cfg.train.keep_last,
-        )
-        self._emit("checkpoint", checkpoint=path)
+        path = self.backend.save(self.ckpt_root, self.step, model, self.opt, self.accelerator.is_main_process,
+                                 lambda d: self._write_state(d, model), self.cfg.train.keep_last)
+        if path is not None:  # the main process
+            self._emit("checkpoint", checkpoint=path)
         return path
 
     def _write_state(self, d: Path, model: nn.Module) -> None:
+        if self.backend.sharded:  # the weights and optimizer moments are in the shards every process wrote
+            return save_run_state(d, self.sched, self.meta())
         save_training_state(d, self.method.state(model), self.opt, self.sched, self.meta())
         if self.best is not None:
             save_file(self.best[3], str(d / BEST_FILE))
@@ -186,7 +188,7 @@ class Loop:
 
     def restore(self, ckpt: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        meta = load_training_state(ckpt, model, self.opt, self.sched)
+        meta = self.backend.restore(ckpt, model, self.opt, self.sched)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.guard.skipped = meta["skipped_steps"]
         self.stream.restore(meta["data_cursor"])
@@ -227,7 +229,7 @@ class Loop:
         loss_sum, penalty = 0.0, 0.0
         for i, mb in enumerate(group):
             last = i == len(group) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+            with contextlib.nullcontext() if last else self.backend.no_sync(self.accelerator, self.model):
                 part, pen = self._micro_loss(mb, n_total, with_penalty=last)
             loss_sum += part
             penalty += pen
@@ -282,8 +284,8 @@ class Loop:
         d = self.cfg.data
         world = self.accelerator.num_processes
         # several processes share a plain loss's eval set (its statistics are sums); an objective's own
-        # statistics (means) are computed on the whole set by every process
-        shared = world > 1 and type(self.runtime) is Runtime
+        # statistics (means), and FSDP (every forward gathers in every process), use the whole set everywhere
+        shared = world > 1 and type(self.runtime) is Runtime and not self.backend.sharded
         part = examples[self.accelerator.process_index :: world] if shared else examples
         loss = evaluate_loss(
             self.accelerator.unwrap_model(self.model), part, batch_size=self.cfg.train.batch_size,
@@ -323,7 +325,7 @@ class Loop:
         stops = contextlib.nullcontext(self.stop) if self.stop is not None else StopSignal()
         with stops as stop, self.reporter.progress(self.total_steps, self.step) as bar:
             while self.step < self.total_steps:
-                if stop.requested and self.step == 0:  # a signal during start-up: checkpoint the start
+                if self.step == 0 and agreed(stop, self.accelerator):  # a signal during start-up: checkpoint it
                     status = "interrupted"
                     self.reporter.say(f"{stop.requested} before the first step: checkpointing; `--resume` continues")
                     break
@@ -342,7 +344,7 @@ class Loop:
                 checkpoint.fault_point("step", self.step)
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                     self.save()
-                if stop.requested:
+                if agreed(stop, self.accelerator):  # every process stops at the same step
                     status = "interrupted"
                     self.reporter.say(f"{stop.requested}: checkpointing step {self.step}; `--resume` continues")
                     break
@@ -350,6 +352,8 @@ class Loop:
         if final:
             self._log({"step": self.step, **final}, None)
         self.save()
+        if status == "completed":  # FSDP: the whole model, gathered (in the main process) for the final save
+            self.model = self.backend.final_model(self.model, self.accelerator.is_main_process)
         if status == "completed" and t.select_best:
             final = self._restore_best(final)
         if status == "completed":

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunelab.errors import ResumeError
 from tunelab.methods.registry import load_trainable
 from tunelab.training.checkpoint import load_tree, save_tree
 
@@ -50,6 +51,11 @@ def save_training_state(
     """`model_state`: the method's state (trainable tensors and `tunelab_` buffers), by name."""
     save_file(model_state, str(d / "trainable.safetensors"))
     save_tree(opt.state_dict(), d / "optimizer")
+    save_run_state(d, sched, meta)
+
+
+def save_run_state(d: Path, sched: Any, meta: dict[str, Any]) -> None:
+    """What one process stores for all: the scheduler, RNGs, counters and digests (`meta`)."""
     save_tree(sched.state_dict(), d / "scheduler")
     save_tree(rng_state(), d / "rng")
     (d / "trainer_state.json").write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
@@ -60,8 +66,16 @@ def read_meta(d: Path) -> dict[str, Any]:
 
 
 def load_training_state(d: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    if not (d / "trainable.safetensors").is_file():
+        raise ResumeError(f"{d} holds sharded state (written with train.distributed=fsdp)",
+                          fix="resume with train.distributed=fsdp and --nproc > 1")
     load_trainable(model, load_file(str(d / "trainable.safetensors")))
     opt.load_state_dict(load_tree(d / "optimizer"))
+    return load_run_state(d, sched)
+
+
+def load_run_state(d: Path, sched: Any) -> dict[str, Any]:
+    """Put back the scheduler and RNGs; returns the counters and digests."""
     sched.load_state_dict(load_tree(d / "scheduler"))
     set_rng_state(load_tree(d / "rng"))
     return read_meta(d)
