@@ -29,7 +29,8 @@ class Bar:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=text)
         elif step % self.every == 0 or step == self.total:
-            extra = "".join(f" {k} {v:.4f}" for k, v in m.items() if k.startswith("eval_"))
+            extra = "".join(f" {k} {_num(v)}" for k, v in m.items()
+                            if k.startswith("eval_") and not k.startswith("eval_tokens"))  # counts: metrics.jsonl
             self.console.print(f"step {step}/{self.total}: {text}{extra} {self._times(step)}", highlight=False,
                                soft_wrap=True)
 
@@ -38,6 +39,11 @@ class Bar:
         done = step - self.first
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
         return f"elapsed {_clock(elapsed)} eta {_clock(eta)}"
+
+
+def _num(v: float) -> str:
+    """A metric on the console: 4 decimals, or as an integer when it is one (counts)."""
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.4f}"
 
 
 def _clock(seconds: float) -> str:
