@@ -1,0 +1,314 @@
+"""RL from a verifiable reward (GRPO, RLOO, PPO) and the O12 preference losses on TinyWorld: docs/results/rl.md.
+
+    python bench/rl.py [--out runs/bench-rl] [--json docs/results/rl.json] [--seeds 42 43 44] [--no-ppo]
+
+Every stage is one `tunelab train` of a shipped config with overrides; a stage whose run dir under
+--out already has `final/` is reused, so an interrupted bench resumes where it stopped.
+
+1. Arithmetic (tinyworld:skills@arithmetic-*; test sums are never in training): a full-SFT warm start,
+   then from it GRPO (configs/rl-grpo.yaml) and RLOO (configs/rl-rloo.yaml) with one budget (RL_STEPS
+   optimizer steps = RL_STEPS / 4 rollouts of 8 prompts x 8 replies, max_new_tokens 8), one run per seed.
+   PPO (configs/align-ppo.yaml) takes only a reward model, so it gets one trained here on arithmetic
+   pairs (the right sum vs a near miss) and the same rollouts (64 replies, 4 minibatches, same steps).
+   Measured: greedy exact match on the 100 held-out and the 500 training questions before and after;
+   KL(policy || SFT start) per reply, estimated the same way for every method (k1 over 4 sampled replies
+   to each held-out question, temperature 1); the training loop's seconds; the reward curve.
+2. Preferences (tinyworld:prefs): DPO, KTO, SimPO from the alignment SFT model (configs/align-sft.yaml)
+   and ORPO from the base (its recipe), each config as shipped. Measured on prefs@test (120 pairs):
+   accuracy and margin of the mean token log-prob (the same for every model), DPO's implicit reward
+   (summed log-ratio to the SFT model) accuracy, the objective's own eval accuracy / margin where it logs
+   one; greedy replies to prefs@prompts-test scored by the rule the pairs come from; the forgetting probe.
+Prints a table, writes --json and the reward curve PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from tunelab import api  # noqa: E402
+from tunelab.data.sources import read_records  # noqa: E402
+from tunelab.eval.probe import run_probe  # noqa: E402
+from tunelab.inference.generation import (  # noqa: E402
+    continuation_logprobs,
+    encode_prompt,
+    generate_ids,
+    greedy,
+    pad_id,
+)
+from tunelab.world.prefs import score_response  # noqa: E402
+from tunelab.world.resolve import resolve_task  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+ARITH = "tinyworld:skills@arithmetic"
+SFT_STEPS = 120  # full SFT on the 500 training sums: ~0.4 greedy exact match on them (200 steps memorises: ~0.97)
+RL_STEPS = 120  # 30 rollouts x 64 replies for every RL method
+KL_SAMPLES = 4  # sampled replies per held-out question for the common KL estimate
+RL_COMMON = [f"train.max_steps={RL_STEPS}", "train.warmup=8", f"train.eval_every={RL_STEPS // 2}",
+             "train.save_every=0", "objective.eval_prompts=null"]
+PPO_SAME_BUDGET = [  # align-ppo.yaml turned to rl-grpo.yaml's data, LoRA, lr and rollout size
+    "data.train={prompts}-train.jsonl", "data.eval={prompts}-test.jsonl", "data.max_length=64",
+    "method.dropout=0.0", "objective.rollout_prompts=64", "objective.ppo_epochs=1", "objective.max_new_tokens=8",
+    "objective.kl_target=null", "train.batch_size=16", "train.lr=5e-4", "train.precision=fp32",
+    f"train.max_steps={RL_STEPS}", "train.warmup=8", f"train.eval_every={RL_STEPS // 2}", "train.save_every=0",
+]
+
+
+def train(name: str, config: str, overrides: list[str], runs: Path, log: dict) -> Path:
+    """Train a stage (or reuse its finished run); `log[name]` = the training loop's seconds."""
+    run_dir = runs / name
+    if (run_dir / "final").is_dir():
+        print(f"[{name}] reusing {run_dir}", flush=True)
+    else:
+        print(f"[{name}] tunelab train configs/{config} {' '.join(overrides)}", flush=True)
+        api.train(CONFIGS / config, [*overrides, f"output.dir={run_dir}"], overwrite=True, quiet=True)
+    log[name] = round(max(m.get("elapsed", 0.0) for m in metrics(run_dir)), 1)
+    return run_dir
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def records(spec: str) -> list[dict]:
+    return [r for _, r in read_records(str(resolve_task(spec)))]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- arithmetic: measures
+
+
+def exact_match(run: Path | str) -> dict:
+    return {split: api.evaluate_task(str(run), f"{ARITH}-{split}")["exact_match"] for split in ("test", "train")}
+
+
+@torch.no_grad()
+def reply_logps(model: torch.nn.Module, rows: list[tuple[list[int], int]], pad: int) -> list[float]:
+    """Summed log-prob of each row's tokens after its first n_ctx (the reply), in one padded batch."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), right padded
+    mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for i, (row, n_ctx) in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)], scored[i, n_ctx : len(row)] = torch.tensor(row), 1, True
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)  # (B, T-1, V)
+    token = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token * scored[:, 1:]).sum(-1).tolist()
+
+
+def kl_to_start(run: Path, start: Path, seed: int = 0) -> float:
+    """KL(policy || start) per reply: mean over sampled replies of sum_t log(pi / pi_start) (k1)."""
+    policy, tok = api.load(run)
+    ref, _ = api.load(start)
+    policy.eval(), ref.eval()
+    prompts = [encode_prompt(tok, r["messages"][:-1], True) for r in records(f"{ARITH}-test")] * KL_SAMPLES
+    torch.manual_seed(seed)
+    replies = generate_ids(policy, tok, prompts, max_new_tokens=8, batch_size=64, temperature=1.0)
+    rows = [(p + r, len(p)) for p, r in zip(prompts, replies, strict=True)]
+    diffs: list[float] = []
+    for i in range(0, len(rows), 64):
+        chunk = rows[i : i + 64]
+        diffs += [a - b for a, b in zip(reply_logps(policy, chunk, pad_id(tok)),
+                                        reply_logps(ref, chunk, pad_id(tok)), strict=True)]
+    return sum(diffs) / len(diffs)
+
+
+def rl_summary(run: Path, start: Path) -> dict:
+    rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    last_eval = [m for m in metrics(run) if "eval_reward" in m][-1]
+    return {"exact_match": exact_match(run), "kl_to_start": kl_to_start(run, start),
+            "kl_logged_last_rollout": rollouts[-1].get("kl"), "eval_reward": last_eval["eval_reward"],
+            "rollout_reward": [r["reward"] for r in rollouts], "steps": metrics(run)[-1]["step"]}
+
+
+# ----------------------------------------------------------------------------- arithmetic: PPO's reward model
+
+
+def arithmetic_pairs(runs: Path) -> Path:
+    """Pairs (right sum vs a near miss) and prompt records for PPO's reward model, from the skill splits."""
+    rng = random.Random(0)
+    stem = runs / "arith"
+    for split in ("train", "test"):
+        pairs, prompts = [], []
+        for r in records(f"{ARITH}-{split}"):
+            q, a = r["messages"][0]["content"], int(r["answer"])
+            wrong = max(0, a + rng.choice((-11, -10, -2, -1, 1, 2, 10, 11)))
+            wrong = wrong if wrong != a else a + 1
+            pairs.append({"prompt": q, "chosen": str(a), "rejected": str(wrong)})
+            prompts.append({"prompt": q, "answer": str(a)})
+        write_jsonl(runs / f"arith-pairs-{split}.jsonl", pairs)
+        write_jsonl(runs / f"arith-prompts-{split}.jsonl", prompts)
+    return stem
+
+
+def run_ppo(runs: Path, sft: Path, seconds: dict) -> dict:
+    stem = arithmetic_pairs(runs)
+    rm = train("arith-reward", "align-reward.yaml",
+               [f"model.name_or_path={sft}", f"data.train={stem}-pairs-train.jsonl",
+                f"data.eval={stem}-pairs-test.jsonl", "data.max_length=64", "train.max_steps=200",
+                "train.eval_every=0", "train.save_every=0"], runs, seconds)
+    rm_acc = {split: api.evaluate_task(str(rm), f"{stem}-pairs-{split}.jsonl")["accuracy"]
+              for split in ("test", "train")}
+    overrides = [o.format(prompts=f"{stem}-prompts") for o in PPO_SAME_BUDGET]
+    ppo = train("ppo", "align-ppo.yaml", [f"model.name_or_path={sft}", f"objective.reward_model={rm}", *overrides],
+                runs, seconds)
+    return {"reward_model_pairwise_accuracy": rm_acc, **rl_summary(ppo, sft), "overrides": overrides}
+
+
+def arithmetic(runs: Path, seeds: list[int], with_ppo: bool, seconds: dict) -> dict:
+    sft = train("sft", "sft-full.yaml", [f"data.train={ARITH}-train", "data.eval=null", f"train.max_steps={SFT_STEPS}",
+                                         "train.lr=5e-4", "train.eval_every=0", "train.save_every=0"], runs, seconds)
+    start = sft / "final"
+    out: dict = {"sft": {"exact_match": exact_match(sft), "steps": SFT_STEPS},
+                 "base": {"exact_match": exact_match("tunelab-tiny")}}
+    for method, config in (("grpo", "rl-grpo.yaml"), ("rloo", "rl-rloo.yaml")):
+        out[method] = {seed: rl_summary(train(f"{method}-s{seed}", config, [
+            f"model.name_or_path={start}", f"train.seed={seed}", *RL_COMMON], runs, seconds), start) for seed in seeds}
+        print(method, {s: (v["exact_match"], round(v["kl_to_start"], 3)) for s, v in out[method].items()}, flush=True)
+    if with_ppo:
+        out["ppo"] = run_ppo(runs, start, seconds)
+        print("ppo", out["ppo"]["exact_match"], out["ppo"]["reward_model_pairwise_accuracy"], flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- preferences
+
+
+def pair_scores(path: Path | str, pairs: list[dict]) -> list[tuple[float, int, float, int]]:
+    """(sum logp chosen, its tokens, sum logp rejected, its tokens) of each prefs@test pair."""
+    model, tok = api.load(path)
+    prompts = [p["prompt"] for p in pairs]
+    s = continuation_logprobs(model, tok, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                              chat=True)
+    return [(*s[i], *s[i + len(pairs)]) for i in range(len(pairs))]
+
+
+def preference_summary(path: Path | str, sft_scores: list, pairs: list[dict], prompt_records: list[dict]) -> dict:
+    scores = pair_scores(path, pairs)
+    mean_margin = [c / nc - r / nr for c, nc, r, nr in scores]
+    implicit = [(c - r) - (c0 - r0) for (c, _, r, _), (c0, _, r0, _) in zip(scores, sft_scores, strict=True)]
+    model, tok = api.load(path)
+    replies = greedy(model, tok, [r["prompt"] for r in prompt_records], max_new_tokens=24, chat=True)
+    true = [score_response(x, r["answer"]) for x, r in zip(replies, prompt_records, strict=True)]
+    probe = run_probe(model, tok)
+    return {"mean_logp_accuracy": sum(m > 0 for m in mean_margin) / len(pairs),
+            "mean_logp_margin": statistics.fmean(mean_margin),
+            "implicit_reward_accuracy_vs_sft": sum(m > 0 for m in implicit) / len(pairs),
+            "implicit_margin_vs_sft": statistics.fmean(implicit),
+            "true_score": statistics.fmean(true), "correct": sum(s > 0.5 for s in true) / len(true),
+            "probe_cloze_accuracy": probe["probe_cloze_accuracy"],
+            "probe_heldout_perplexity": probe["probe_heldout_perplexity"]}
+
+
+def own_eval(run: Path) -> dict:
+    evals = [m for m in metrics(run) if "eval_accuracy" in m]
+    return {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
+
+
+def preferences(runs: Path, seconds: dict) -> dict:
+    sft = train("align-sft", "align-sft.yaml", [], runs, seconds) / "final"
+    pairs, prompt_records = records("tinyworld:prefs@test"), records("tinyworld:prefs@prompts-test")
+    sft_scores = pair_scores(sft, pairs)
+    out = {"base": preference_summary("tunelab-tiny", sft_scores, pairs, prompt_records),
+           "sft": preference_summary(sft, sft_scores, pairs, prompt_records)}
+    for name, start, label in (("dpo", sft, "sft"), ("kto", sft, "sft"), ("simpo", sft, "sft"),
+                               ("orpo", "tunelab-tiny", "base")):
+        run = train(name, f"align-{name}.yaml", [f"model.name_or_path={start}"], runs, seconds)
+        cfg = api.resolve_config(run)
+        out[name] = {**preference_summary(run, sft_scores, pairs, prompt_records), "own_eval": own_eval(run),
+                     "steps": cfg.train.max_steps, "batch_size": cfg.train.batch_size, "start": label}
+        print(name, {k: v for k, v in out[name].items() if k != "own_eval"}, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot(arith: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, color in (("grpo", "tab:blue"), ("rloo", "tab:orange")):
+        curves = [v["rollout_reward"] for v in arith[method].values()]
+        steps = [4 * (i + 1) for i in range(len(curves[0]))]
+        for c in curves:
+            left.plot(steps, c, color=color, alpha=0.25, lw=1)
+        left.plot(steps, [statistics.fmean(x) for x in zip(*curves, strict=True)], color=color, lw=2,
+                  label=f"{method.upper()} (mean of {len(curves)} seeds)")
+    left.set(xlabel="optimizer step", ylabel="sampled reward = exact match (T=1)",
+             title="GRPO vs RLOO, verifiable reward, from the SFT model")
+    left.legend()
+    if "ppo" in arith:
+        r = arith["ppo"]["rollout_reward"]
+        right.plot([4 * (i + 1) for i in range(len(r))], r, color="tab:green", lw=2, label="PPO (1 seed)")
+        right.set(xlabel="optimizer step", ylabel="reward-model score (sampled)",
+                  title="PPO, learned arithmetic reward model")
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def table(res: dict) -> str:
+    a = res["arithmetic"]
+    lines = ["| arithmetic | held-out EM | train EM | KL to SFT start | loop s |", "|---|---:|---:|---:|---:|",
+             f"| base | {a['base']['exact_match']['test']:.2f} | {a['base']['exact_match']['train']:.3f} | | |",
+             f"| SFT | {a['sft']['exact_match']['test']:.2f} | {a['sft']['exact_match']['train']:.3f} | 0 | "
+             f"{res['seconds']['sft']} |"]
+    for method in ("grpo", "rloo"):
+        for seed, v in a[method].items():
+            lines.append(f"| {method} s{seed} | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
+                         f"{v['kl_to_start']:.3f} | {res['seconds'][f'{method}-s{seed}']} |")
+    if "ppo" in a:
+        v = a["ppo"]
+        lines.append(f"| ppo | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
+                     f"{v['kl_to_start']:.3f} | {res['seconds']['ppo']} |")
+    p = res["preferences"]
+    lines += ["", "| prefs | mean-logp acc | margin | implicit acc vs SFT | true score | correct | probe cloze |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['mean_logp_accuracy']:.3f} | {v['mean_logp_margin']:.3f} | "
+              f"{v['implicit_reward_accuracy_vs_sft']:.3f} | {v['true_score']:.3f} | {v['correct']:.3f} | "
+              f"{v['probe_cloze_accuracy']:.3f} |" for k, v in p.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-rl"), help="run dirs (finished ones are reused)")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "rl.json"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--no-ppo", action="store_true", help="skip the arithmetic reward model and PPO")
+    ap.add_argument("--no-prefs", action="store_true", help="skip the preference losses")
+    args = ap.parse_args()
+    runs, out = Path(args.out), Path(args.json)
+    runs.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, "
+                 f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+                 "command": "python bench/rl.py", "seconds": seconds, "rl_steps": RL_STEPS, "sft_steps": SFT_STEPS}
+    res["arithmetic"] = arithmetic(runs, args.seeds, not args.no_ppo, seconds)
+    if not args.no_prefs:
+        res["preferences"] = preferences(runs, seconds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1).replace(f"{ROOT}/", "") + "\n", encoding="utf-8")  # no machine paths
+    plot(res["arithmetic"], out.with_name("rl-reward.png"))
+    if "preferences" in res:
+        print(table(res))
+
+
+if __name__ == "__main__":
+    main()
