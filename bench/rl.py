@@ -36,6 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+import alignment  # noqa: E402  (bench/alignment.py: its stage runner and metrics reader)
+from alignment import metrics  # noqa: E402
+
 from tunelab import api  # noqa: E402
 from tunelab.data.sources import read_records  # noqa: E402
 from tunelab.eval.probe import run_probe  # noqa: E402
@@ -65,19 +68,8 @@ PPO_SAME_BUDGET = [  # align-ppo.yaml turned to rl-grpo.yaml's data, LoRA, lr an
 
 
 def train(name: str, config: str, overrides: list[str], runs: Path, log: dict) -> Path:
-    """Train a stage (or reuse its finished run); `log[name]` = the training loop's seconds."""
-    run_dir = runs / name
-    if (run_dir / "final").is_dir():
-        print(f"[{name}] reusing {run_dir}", flush=True)
-    else:
-        print(f"[{name}] tunelab train configs/{config} {' '.join(overrides)}", flush=True)
-        api.train(CONFIGS / config, [*overrides, f"output.dir={run_dir}"], overwrite=True, quiet=True)
-    log[name] = round(max(m.get("elapsed", 0.0) for m in metrics(run_dir)), 1)
-    return run_dir
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Train a stage (or reuse its finished run): bench/alignment.py's, always reusing."""
+    return alignment.train(name, config, overrides, runs, True, log)
 
 
 def records(spec: str) -> list[dict]:
