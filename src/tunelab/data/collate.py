@@ -115,12 +115,18 @@ def _collate_pairs(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, 
     return batch
 
 
+def document_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) the number of the example each token of a packed row belongs to: examples are the runs of
+    `position_ids` that count up by one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(-1)
+
+
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive (B, 1, T, T) mask: 0 where query i may see key j (same example, j <= i), else the
     dtype's minimum. Examples are the runs of `position_ids` that count up by one."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    seq = starts.long().cumsum(-1)  # (B, T) example number of each token
+    seq = document_index(position_ids)  # (B, T) example number of each token
     t = position_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()  # (T, T)
     allowed = (seq[:, :, None] == seq[:, None, :]) & causal  # (B, T, T)

@@ -77,7 +77,7 @@ def greedy(
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     stops = stop_token_ids(model, tokenizer)
     rows = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True) for row in rows]
+    return [tokenizer.decode(until_stop(row, stops), skip_special_tokens=True) for row in rows]
 
 
 def generate_ids(
@@ -101,7 +101,7 @@ def generate_ids(
                 pad_token_id=pad,
             )  # (B, T + new)
             for i, row in zip(batch, out[:, input_ids.shape[1] :].tolist(), strict=True):
-                cut = _until_stop(row, stops)
+                cut = until_stop(row, stops)
                 out_rows[i] = row[: len(cut) + 1] if len(cut) < len(row) else cut
     return [out_rows[i] for i in range(len(encoded))]
 
@@ -180,7 +180,7 @@ def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[to
     return ids, mask
 
 
-def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
+def until_stop(ids: list[int], stops: list[int]) -> list[int]:
     for i, t in enumerate(ids):
         if t in stops:
             return ids[:i]

@@ -72,8 +72,7 @@ def packed_prompt_logits(model: nn.Module, input_ids: torch.Tensor, position_ids
     positions = torch.cat([virtual, position_ids + n], dim=1)  # (B, n+T)
     low = torch.finfo(embeds.dtype).min
     mask = torch.full((b, 1, n + t, n + t), low, dtype=embeds.dtype, device=input_ids.device)
-    mask[:, :, :n, :n] = torch.zeros(n, n, dtype=embeds.dtype, device=input_ids.device).masked_fill(
-        ~torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril(), low)  # virtual tokens: causal
+    mask[:, :, :n, :n] = mask[0, 0, :n, :n].triu(1)  # virtual tokens: causal among themselves
     mask[:, :, n:, :n] = 0  # every token sees every virtual token
     mask[:, :, n:, n:] = block_causal_mask(position_ids, embeds.dtype).to(input_ids.device)
     out = inner.base_model(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=False)

@@ -38,6 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from tunelab.config import MethodConfig
+from tunelab.data.collate import document_index
 from tunelab.errors import TunelabError
 from tunelab.methods.registry import register_method
 from tunelab.modeling.load import decoder_layers
@@ -124,9 +125,7 @@ def side_mask(t: int, past: int, attention_mask: Any, position_ids: Any, device:
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] >= k:
         mask = mask & attention_mask[:, None, None, -k:].to(device).bool()
     if past == 0 and isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-        starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T): a document starts where counting breaks
-        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-        seg = starts.cumsum(-1).to(device)  # (B, T): document index in a packed row (data/collate.py)
+        seg = document_index(position_ids).to(device)  # (B, T): document index in a packed row
         mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
     return mask | (torch.arange(k, device=device)[None, :] == q_pos[:, None])[None, None]
 

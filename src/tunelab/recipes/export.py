@@ -59,11 +59,10 @@ def export(
             if gguf is not None:
                 checks.update(write_gguf(tmp, quant=gguf, ollama=ollama, check=check))
             write_checks(tmp, checks)
-        elif gguf_adapter:
-            shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
-            write_checks(tmp, write_gguf_adapter(tmp, ollama=ollama, check=check))
         else:
             shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(owned.MARKER))
+            if gguf_adapter:
+                write_checks(tmp, write_gguf_adapter(tmp, ollama=ollama, check=check))
             if rank is not None:  # the delta keeps every factor; it loads (and merges) at this rank
                 meta = json.loads((tmp / METHOD_FILE).read_text(encoding="utf-8"))
                 meta["method"]["eval_rank"] = rank

@@ -29,9 +29,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tunelab.data.qa import exact_match, prompt_and_gold
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import encode_prompt, generate_ids, stop_token_ids
+from tunelab.inference.generation import encode_prompt, generate_ids, stop_token_ids, until_stop
 from tunelab.world.chat import IM_END, IM_START
 from tunelab.world.resolve import cache_root, resolve_task
 
@@ -166,9 +169,6 @@ def check(gguf_file: str | Path, model_dir: str | Path, *, n: int = 50, max_new_
 
     `model_dir` is the transformers model the GGUF was made from; with `lora`, the GGUF file is the
     base and `lora` the LoRA GGUF applied at load."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     lib = llama_cpp()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -176,7 +176,7 @@ def check(gguf_file: str | Path, model_dir: str | Path, *, n: int = 50, max_new_
     prompts, golds = zip(*[prompt_and_gold(r)[:2] for r in records], strict=True)
     encoded = [encode_prompt(tok, p, chat=True) for p in prompts]
     stops = stop_token_ids(model, tok)
-    hf_rows = [_until_stop(r, stops) for r in generate_ids(model, tok, encoded, max_new_tokens=max_new_tokens)]
+    hf_rows = [until_stop(r, stops) for r in generate_ids(model, tok, encoded, max_new_tokens=max_new_tokens)]
     llm = lib.Llama(model_path=str(base_gguf or gguf_file), lora_path=str(lora) if lora else None, n_ctx=512,
                     n_threads=max(1, (os.cpu_count() or 1)), verbose=False, seed=0, logits_all=True)
     same_tokens, worst, top5 = 0, 0.0, 0
@@ -205,13 +205,6 @@ def check(gguf_file: str | Path, model_dir: str | Path, *, n: int = 50, max_new_
         "examples": [{"prompt": p if isinstance(p, str) else p[-1]["content"], "transformers": a, "gguf": b}
                      for p, a, b in list(zip(prompts, hf_text, gg_text, strict=True))[:3]],
     }
-
-
-def _until_stop(ids: list[int], stops: Sequence[int]) -> list[int]:
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[:i]
-    return ids
 
 
 def _greedy_llama(llm: Any, ids: list[int], stops: Sequence[int], max_new_tokens: int) -> tuple[list[int], Any]:

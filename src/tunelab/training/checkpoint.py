@@ -112,7 +112,7 @@ def resume_point(root: Path) -> tuple[Path | None, list[str]]:
     renamed aside (`step-N.rejected`: never loaded, pruned or replaced) so the run can reach its
     step again and the evidence stays."""
     notes = []
-    for _, path in _steps(root):
+    for _, path in step_dirs(root):
         why = why_not_verified(path)
         if why is None:
             return path, notes
@@ -129,7 +129,7 @@ def resume_point(root: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
-def _steps(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """The `step-N` folders, newest first; a link is never one of ours (never loaded, never deleted)."""
     if not root.is_dir():
         return []
@@ -140,14 +140,14 @@ def _steps(root: Path) -> list[tuple[int, Path]]:
 
 def latest(root: Path) -> Path | None:
     """The newest checkpoint whose manifest verifies."""
-    for _, path in _steps(root):
+    for _, path in step_dirs(root):
         if verify(path):
             return path
     return None
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    for _, path in _steps(root)[keep_last:]:
+    for _, path in step_dirs(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
     clean_stale(root)
 

@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tunelab.training import checkpoint
+
 ACTIVE_S = 60.0
 MAX_CHUNK = 1 << 20  # metrics bytes one poll returns at most
 TAIL = 64 << 10
 MAX_TEXT = 1 << 20  # config.yaml / summary.json shown at most
-_STEP = re.compile(r"step-(\d+)")
 
 
 def read_text(path: Path, limit: int = MAX_TEXT) -> str | None:
@@ -98,16 +98,6 @@ def _rows(lines: list[bytes]) -> list[dict[str, Any]]:
     return rows
 
 
-def checkpoint_steps(run: Path) -> list[int]:
-    """Committed checkpoints (step-N folders, never links, temp or rejected ones), ascending."""
-    try:
-        entries = list(os.scandir(run / "checkpoints"))
-    except OSError:
-        return []
-    return sorted(int(m.group(1)) for e in entries if (m := _STEP.fullmatch(e.name)) and
-                  e.is_dir(follow_symlinks=False))
-
-
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -121,9 +111,9 @@ def status(run: Path, rows: list[dict[str, Any]]) -> str:
     touched = max(_mtime(run / "metrics.jsonl"), _mtime(run / "checkpoints"), _mtime(run / "config.yaml"))
     if time.time() - touched < ACTIVE_S:
         return "running"
-    steps = checkpoint_steps(run)
+    steps = checkpoint.step_dirs(run / "checkpoints")  # newest first, never links, temp or rejected ones
     last = max((int(r.get("step", 0)) for r in rows), default=0)
-    return "interrupted" if steps and steps[-1] >= last else "failed"
+    return "interrupted" if steps and steps[0][0] >= last else "failed"
 
 
 def summary(run: Path) -> dict[str, Any]:
