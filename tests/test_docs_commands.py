@@ -224,6 +224,10 @@ COMMANDS: dict[str, str] = {
     'srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 8 --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d '
     '--rdzv-endpoint "$HEAD:29500" -m tunelab train configs/sft-lora.yaml train.distributed=fsdp '
     'output.dir=/shared/runs/a': "Slurm: several machines with 8 GPUs each (no multi-node test here)",
+    "tunelab train configs/sft-lora.yaml --nnodes 2 --node-rank 0 --master 10.0.0.1:29500 --nproc 8":
+    "two machines with 8 GPUs each; tests/test_distributed.py runs it as a dry run on 127.0.0.1",
+    "tunelab train configs/sft-lora.yaml --nnodes 2 --node-rank 1 --master 10.0.0.1:29500 --nproc 8":
+    "the second machine of the same run",
     # docs/methods/lst.md
     "tunelab train configs/lst.yaml": RUN,
     "tunelab eval runs/lst --task tinyworld:skills@counting-test": RUN,

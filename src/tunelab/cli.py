@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -77,6 +76,41 @@ def _print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=1, sort_keys=True))
 
 
+def _launch(nproc: int, nnodes: int, node_rank: int, master: str | None, argv: list[str]) -> int:
+    """`torchrun ... -m tunelab ARGV` in this process (torch's elastic launcher): on one machine a standalone
+    rendezvous, on several a static one at --master. A process that fails is named in one line (rank, pid,
+    exit code or signal) instead of torchrun's report; the exit code is 75 when every failed process
+    stopped on a signal after its checkpoint, else 1."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if nnodes > 1:
+        host, _, port = (master or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise typer.BadParameter(f"--nnodes {nnodes} needs HOST:PORT (node 0's address and a free port), "
+                                     f"got {master!r}", param_hint="--master")
+        if node_rank >= nnodes:
+            raise typer.BadParameter(f"{node_rank} is not below --nnodes {nnodes}", param_hint="--node-rank")
+        where = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", host, "--master-port", port]
+    else:
+        where = ["--standalone"]
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its warnings repeat what we say
+    try:
+        run(parse_args([*where, "--nproc-per-node", str(nproc), "-m", "tunelab", *argv]))
+    except ChildFailedError as e:
+        for rank, f in sorted(e.failures.items()):
+            how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+            typer.echo(f"error: process rank {rank} (pid {f.pid}) {how}; the run stopped in every process", err=True)
+        return 75 if all(f.exitcode == 75 for f in e.failures.values()) else 1
+    except SignalException as e:  # the launcher itself was told to stop: its processes were told too
+        typer.echo(f"stopped: the launcher got {e.sigval.name}; resume with --resume", err=True)
+        return 75
+    return 0
+
+
 @app.command()
 def train(
     config: str = typer.Argument(..., help="YAML config, or a run directory (its config.yaml)"),
@@ -91,17 +125,20 @@ def train(
                                "make, beside its files (none is deleted)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     nproc: int = typer.Option(1, "--nproc", min=1, max=1024, help="processes on this machine, data parallel "
-                              "(DDP; gloo on CPU): `torchrun --standalone --nproc-per-node N -m tunelab train ...`"),
+                              "(DDP; gloo on CPU), started by torchrun's launcher"),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, max=4096, help="machines in the run: run this command on each, "
+                               "with its --node-rank and the same --master"),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="this machine's rank, 0..nnodes-1 (0 hosts --master)"),
+    master: str | None = typer.Option(None, "--master", help="HOST:PORT of node 0, where the processes meet "
+                                      "(with --nnodes > 1)"),
 ) -> None:
     """Train a model. Exit 0: every step applied; 75: stopped by a signal, checkpointed (--resume)."""
     _quick_check(config, overrides or [])
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:  # launch the processes; each runs this command again
+    if (nproc > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:  # start the processes; each runs this again
         flags = [f for f, on in (("--resume", resume), ("--allow-changed", allow_changed), ("--overwrite", overwrite),
                                  ("--force", force), ("--quiet", quiet)) if on]
         flags += ["--resume-from", resume_from] if resume_from else []
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "tunelab", "train", config, *(overrides or []), *flags]
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(_launch(nproc, nnodes, node_rank, master, ["train", config, *(overrides or []), *flags]))
     from tunelab import api
 
     result = api.train(config, overrides or [], resume=resume, allow_changed=allow_changed,

@@ -228,6 +228,10 @@ class TrainConfig(Section):
         "ddp", description="how several processes (--nproc, torchrun, accelerate launch) share the model: ddp "
         "(each holds all of it), fsdp (FSDP2: each holds a shard; methods full and lora), deepspeed_zero2/3 "
         "(writes RUN/deepspeed.json; not run by the loop yet). One process ignores it")
+    dist_timeout: float = Field(
+        600.0, gt=0, description="seconds a process waits in a collective (all-reduce, gather) for the others "
+        "before it gives up with a message naming the last checkpoint: a process that died without closing its "
+        "connections (a lost machine) cannot hold the rest longer. One process ignores it")
 
     @field_validator("adam_betas")
     @classmethod

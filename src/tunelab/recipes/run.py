@@ -7,6 +7,7 @@ Continual stages, a search or a compare driver call `train` with a config (or a 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from tunelab.runconfig import RunConfig, build_config, load_config, save_config
 from tunelab.training import checkpoint
 from tunelab.training.dist import processes
 from tunelab.training.events import EventHook
-from tunelab.training.guards import StopSignal, disk_full_guard
+from tunelab.training.guards import StopSignal, disk_full_guard, peer_lost_guard
 from tunelab.training.loop import Loop, TrainResult
 from tunelab.training.progress import Reporter
 from tunelab.training.state import read_meta, seed_everything
@@ -182,6 +183,7 @@ def _train(
     cfg = resolve_config(config, overrides)
     if cfg.data.train is None:
         raise TunelabError("data.train is not set", fix="set data.train to a dataset path")
+    processes(cfg.train.dist_timeout)  # the first call of a process starts its group, with the run's timeout
     ckpt = _prepare_run_dir(cfg, resume, allow_changed, overwrite, force, resume_from)
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,8 @@ def _train(
         loop.restore(ckpt)
         reporter.say(f"resumed from {ckpt} (step {loop.step} of {loop.total_steps})")
     fault_point("start", 0)
-    with disk_full_guard(run_dir, lambda: checkpoint.latest(run_dir / "checkpoints")):
+    last_good = functools.partial(checkpoint.latest, run_dir / "checkpoints")
+    with disk_full_guard(run_dir, last_good), peer_lost_guard(loop.accelerator.num_processes, run_dir, last_good):
         result = loop.run()
         if result.status == "completed" and main:  # a signal from here on is answered once this is written
             fault_point("final", 0)
@@ -236,7 +239,7 @@ def _train(
                           run_dir / "final")
             owned.write_atomic(run_dir / "summary.json", json.dumps(
                 {"steps": result.steps, "trainable": trainable, "total": total, **result.metrics}, indent=1))
-    processes().wait_for_everyone()  # a multi-process run returns once the main process wrote the result
+        processes().wait_for_everyone()  # a multi-process run returns once the main process wrote the result
     if result.status == "completed":
         reporter.say(f"done: {run_dir}/final  " + _fmt(result.metrics))
     return result

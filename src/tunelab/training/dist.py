@@ -7,9 +7,15 @@ is a plain single-process state and costs nothing.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 from accelerate import PartialState
 
 
-def processes() -> PartialState:
-    return PartialState(cpu=not torch.cuda.is_available())
+def processes(timeout: float | None = None) -> PartialState:
+    """This process's place in the run. `timeout` (seconds a collective waits for the others, the run's
+    `train.dist_timeout`) counts only in the first call of a process, the one that starts the group."""
+    if timeout is None:
+        return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout))

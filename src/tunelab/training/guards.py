@@ -131,6 +131,37 @@ def _disk_full(e: BaseException) -> bool:
 
 
 @contextmanager
+def peer_lost_guard(world: int, run_dir: Path, last_good: Callable[[], Path | None]) -> Iterator[None]:
+    """In a run of several processes, a collective that fails because another process is gone (killed,
+    crashed, its machine lost: gloo and NCCL report a closed connection at once, or a timeout after
+    `train.dist_timeout` seconds) becomes one TunelabError naming the last good checkpoint."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.distributed's DistError / DistBackendError are RuntimeErrors
+        if world < 2 or not _peer_lost(e):
+            raise
+        good = last_good()
+        cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise TunelabError(
+            f"another process of this run stopped or cannot be reached ({cause[:200]}); this one stops too: "
+            + (f"the last good checkpoint is {good.name}" if good else "no checkpoint yet"),
+            fix="see why the other process stopped (its lines above or its machine's log), then "
+                + (f"continue with: tunelab train {run_dir} --resume, in as many processes" if good else
+                   f"start again: tunelab train ... output.dir={run_dir} --overwrite")) from None
+
+
+PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "nccl",
+             "socket", "peer")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or ("gloo" in text and any(k in text for k in PEER_LOST))
+
+
+@contextmanager
 def disk_full_guard(run_dir: Path, last_good: Callable[[], Path | None]) -> Iterator[None]:
     """A full disk while writing a checkpoint, metrics or the final model becomes a TunelabError
     naming where it happened and the last good checkpoint (`last_good()`), which --resume continues."""
