@@ -1,6 +1,8 @@
 """RL from a verifiable reward (GRPO, RLOO, PPO) and the O12 preference losses on TinyWorld: docs/results/rl.md.
 
     python bench/rl.py [--out runs/bench-rl] [--json docs/results/rl.json] [--seeds 42 43 44] [--no-ppo]
+    python bench/rl.py --no-ppo --no-prefs --methods grpo --seeds 42 --tag=-mu4 --rl-set objective.epochs=4 \
+        train.max_steps=480 --json runs/bench-rl/grpo-mu4.json      # one GRPO setting, its own run dirs
 
 Every stage is one `tunelab train` of a shipped config with overrides; a stage whose run dir under
 --out already has `final/` is reused, so an interrupted bench resumes where it stopped.
@@ -10,7 +12,9 @@ Every stage is one `tunelab train` of a shipped config with overrides; a stage w
    optimizer steps = RL_STEPS / 4 rollouts of 8 prompts x 8 replies, max_new_tokens 8), one run per seed.
    PPO (configs/align-ppo.yaml) takes only a reward model, so it gets one trained here on arithmetic
    pairs (the right sum vs a near miss) and the same rollouts (64 replies, 4 minibatches, same steps).
-   Measured: greedy exact match on the 100 held-out and the 500 training questions before and after;
+   Measured: greedy exact match on the 100 held-out and the 500 training questions before and after,
+   the training questions also split into those the run sampled as prompts (its seeded prompt stream
+   replayed) and the rest, beside the SFT start's on the same split;
    KL(policy || SFT start) per reply, estimated the same way for every method (k1 over 4 sampled replies
    to each held-out question, temperature 1); the training loop's seconds; the reward curve.
 2. Preferences (tinyworld:prefs): DPO, KTO, SimPO from the alignment SFT model (configs/align-sft.yaml)
@@ -40,7 +44,9 @@ import alignment  # noqa: E402  (bench/alignment.py: its stage runner and metric
 from alignment import metrics  # noqa: E402
 
 from tunelab import api  # noqa: E402
+from tunelab.data.pipeline import load_tokenized  # noqa: E402
 from tunelab.data.sources import read_records  # noqa: E402
+from tunelab.data.stream import BatchStream  # noqa: E402
 from tunelab.eval.probe import run_probe  # noqa: E402
 from tunelab.inference.generation import (  # noqa: E402
     continuation_logprobs,
@@ -49,6 +55,9 @@ from tunelab.inference.generation import (  # noqa: E402
     greedy,
     pad_id,
 )
+from tunelab.objectives import OBJECTIVES  # noqa: E402
+from tunelab.objectives.grpo import exact_match as em_reward  # noqa: E402
+from tunelab.objectives.grpo import read_tasks  # noqa: E402
 from tunelab.world.prefs import score_response  # noqa: E402
 from tunelab.world.resolve import resolve_task  # noqa: E402
 
@@ -117,10 +126,59 @@ def kl_to_start(run: Path, start: Path, seed: int = 0) -> float:
     return sum(diffs) / len(diffs)
 
 
+_CORRECT: dict[str, dict[str, float]] = {}
+
+
+def question(record: dict) -> str:
+    return record["messages"][0]["content"]
+
+
+def correct_by_question(model_dir: Path) -> dict[str, float]:
+    """Greedy exact match (the `exact_match` reward) of each of the 500 training questions, by its text."""
+    if str(model_dir) not in _CORRECT:
+        model, tok = api.load(model_dir)
+        train_records = records(f"{ARITH}-train")
+        replies = greedy(model, tok, [r["messages"][:-1] for r in train_records], max_new_tokens=8,
+                         batch_size=100, chat=True)
+        _CORRECT[str(model_dir)] = {question(r): em_reward(x, r) for r, x in zip(train_records, replies, strict=True)}
+    return _CORRECT[str(model_dir)]
+
+
+def sampled_prompts(run: Path) -> set[str]:
+    """The training questions a GRPO / RLOO run sampled: the loop's seeded data stream replayed, from which
+    each rollout takes the next prompts_per_rollout examples (objectives/grpo.py)."""
+    cfg = api.resolve_config(run)
+    _, tok = api.load(run / "final")
+    data = load_tokenized(cfg.data, "train", tok, mask_prompt=True, formats=OBJECTIVES[cfg.objective.name].formats,
+                          log=lambda _: None)
+    stream = BatchStream(data.examples, batch_size=cfg.train.batch_size, packing=cfg.data.packing,
+                         max_length=cfg.data.max_length, seed=cfg.train.seed, pad_id=pad_id(tok))
+    by_where = read_tasks(cfg.data)["train"]
+    n = len((run / "rollouts.jsonl").read_text().splitlines())
+    per_rollout = cfg.objective.prompts_per_rollout
+    return {question(by_where[e.where]) for _ in range(n) for e in stream.next_examples(per_rollout)}
+
+
+def seen_split(run: Path, start: Path) -> dict:
+    """Training-question exact match of the run and of its start, on the questions it sampled and the rest."""
+    seen = sampled_prompts(run)
+    rl, before = correct_by_question(run / "final"), correct_by_question(start)
+    out: dict = {"n_seen": len(seen)}
+    for part in ("seen", "unseen"):
+        qs = [q for q in before if (q in seen) == (part == "seen")]
+        out.setdefault("rl", {})[part] = statistics.fmean(rl[q] for q in qs)
+        out.setdefault("start", {})[part] = statistics.fmean(before[q] for q in qs)
+        # paired: questions the run got right that the start did not, and the reverse (a sign test on these)
+        out.setdefault("flips", {})[part] = {"gained": sum(rl[q] > before[q] for q in qs),
+                                             "lost": sum(rl[q] < before[q] for q in qs)}
+    return out
+
+
 def rl_summary(run: Path, start: Path) -> dict:
     rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     last_eval = [m for m in metrics(run) if "eval_reward" in m][-1]
-    return {"exact_match": exact_match(run), "kl_to_start": kl_to_start(run, start),
+    return {"exact_match": exact_match(run), "train_seen_split": seen_split(run, start),
+            "kl_to_start": kl_to_start(run, start),
             "kl_logged_last_rollout": rollouts[-1].get("kl"), "eval_reward": last_eval["eval_reward"],
             "rollout_reward": [r["reward"] for r in rollouts], "steps": metrics(run)[-1]["step"]}
 
@@ -159,16 +217,23 @@ def run_ppo(runs: Path, sft: Path, seconds: dict) -> dict:
     return {"reward_model_pairwise_accuracy": rm_acc, **rl_summary(ppo, sft), "overrides": overrides}
 
 
-def arithmetic(runs: Path, seeds: list[int], with_ppo: bool, seconds: dict) -> dict:
+def arithmetic(runs: Path, seeds: list[int], with_ppo: bool, seconds: dict, methods: list[str],
+               rl_set: list[str], tag: str, rl_questions: int | None) -> dict:
     sft = train("sft", "sft-full.yaml", [f"data.train={ARITH}-train", "data.eval=null", f"train.max_steps={SFT_STEPS}",
                                          "train.lr=5e-4", "train.eval_every=0", "train.save_every=0"], runs, seconds)
     start = sft / "final"
     out: dict = {"sft": {"exact_match": exact_match(sft), "steps": SFT_STEPS},
                  "base": {"exact_match": exact_match("tunelab-tiny")}}
-    for method, config in (("grpo", "rl-grpo.yaml"), ("rloo", "rl-rloo.yaml")):
-        out[method] = {seed: rl_summary(train(f"{method}-s{seed}", config, [
-            f"model.name_or_path={start}", f"train.seed={seed}", *RL_COMMON], runs, seconds), start) for seed in seeds}
-        print(method, {s: (v["exact_match"], round(v["kl_to_start"], 3)) for s, v in out[method].items()}, flush=True)
+    if rl_questions:  # RL samples its prompts from the first n training questions only, each many times
+        path = runs / f"arith-train-first{rl_questions}.jsonl"
+        write_jsonl(path, records(f"{ARITH}-train")[:rl_questions])
+        rl_set = [f"data.train={path}", *rl_set]
+    for method in methods:
+        out[method] = {seed: rl_summary(train(f"{method}{tag}-s{seed}", f"rl-{method}.yaml", [
+            f"model.name_or_path={start}", f"train.seed={seed}", *RL_COMMON, *rl_set], runs, seconds), start)
+            for seed in seeds}
+        print(method, {s: (v["exact_match"], v["train_seen_split"], round(v["kl_to_start"], 3))
+                       for s, v in out[method].items()}, flush=True)
     if with_ppo:
         out["ppo"] = run_ppo(runs, start, seconds)
         print("ppo", out["ppo"]["exact_match"], out["ppo"]["reward_model_pairwise_accuracy"], flush=True)
@@ -228,24 +293,30 @@ def preferences(runs: Path, seconds: dict) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def plot(arith: dict, png: Path) -> None:
+def plot(arith: dict, png: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, color in (("grpo", "tab:blue"), ("rloo", "tab:orange")):
-        curves = [v["rollout_reward"] for v in arith[method].values()]
-        steps = [4 * (i + 1) for i in range(len(curves[0]))]
+    panels = 2 if "ppo" in arith else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    left = axes[0][0]
+    methods = [m for m in ("grpo", "rloo") if m in arith]
+    for method, color in zip(methods, ("tab:blue", "tab:orange"), strict=False):
+        runs = list(arith[method].values())
+        curves = [v["rollout_reward"] for v in runs]
+        per_rollout = runs[0]["steps"] / len(curves[0])  # optimizer steps per rollout
+        steps = [per_rollout * (i + 1) for i in range(len(curves[0]))]
         for c in curves:
             left.plot(steps, c, color=color, alpha=0.25, lw=1)
         left.plot(steps, [statistics.fmean(x) for x in zip(*curves, strict=True)], color=color, lw=2,
                   label=f"{method.upper()} (mean of {len(curves)} seeds)")
     left.set(xlabel="optimizer step", ylabel="sampled reward = exact match (T=1)",
-             title="GRPO vs RLOO, verifiable reward, from the SFT model")
+             title=f"{' vs '.join(m.upper() for m in methods)}, verifiable reward, from the SFT model{title}")
     left.legend()
     if "ppo" in arith:
+        right = axes[0][1]
         r = arith["ppo"]["rollout_reward"]
         right.plot([4 * (i + 1) for i in range(len(r))], r, color="tab:green", lw=2, label="PPO (1 seed)")
         right.set(xlabel="optimizer step", ylabel="reward-model score (sampled)",
@@ -257,21 +328,26 @@ def plot(arith: dict, png: Path) -> None:
 
 def table(res: dict) -> str:
     a = res["arithmetic"]
-    lines = ["| arithmetic | held-out EM | train EM | KL to SFT start | loop s |", "|---|---:|---:|---:|---:|",
+    lines = ["| arithmetic | held-out EM | train EM | KL to SFT start | loop s | train EM sampled: SFT -> RL | "
+             "train EM not sampled: SFT -> RL |", "|---|---:|---:|---:|---:|---:|---:|",
              f"| base | {a['base']['exact_match']['test']:.2f} | {a['base']['exact_match']['train']:.3f} | | |",
              f"| SFT | {a['sft']['exact_match']['test']:.2f} | {a['sft']['exact_match']['train']:.3f} | 0 | "
              f"{res['seconds']['sft']} |"]
     for method in ("grpo", "rloo"):
-        for seed, v in a[method].items():
+        for seed, v in a.get(method, {}).items():
+            split, loop_s = v["train_seen_split"], res["seconds"][f"{method}{res['tag']}-s{seed}"]
+            parts = [f"{split['start'][k]:.3f} -> {split['rl'][k]:.3f} (+{split['flips'][k]['gained']} "
+                     f"-{split['flips'][k]['lost']})" for k in ("seen", "unseen")]
             lines.append(f"| {method} s{seed} | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
-                         f"{v['kl_to_start']:.3f} | {res['seconds'][f'{method}-s{seed}']} |")
+                         f"{v['kl_to_start']:.3f} | {loop_s} | {parts[0]} | {parts[1]} |")
     if "ppo" in a:
         v = a["ppo"]
         lines.append(f"| ppo | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
                      f"{v['kl_to_start']:.3f} | {res['seconds']['ppo']} |")
-    p = res["preferences"]
-    lines += ["", "| prefs | mean-logp acc | margin | implicit acc vs SFT | true score | correct | probe cloze |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    p = res.get("preferences", {})
+    if p:
+        lines += ["", "| prefs | mean-logp acc | margin | implicit acc vs SFT | true score | correct | probe cloze |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {k} | {v['mean_logp_accuracy']:.3f} | {v['mean_logp_margin']:.3f} | "
               f"{v['implicit_reward_accuracy_vs_sft']:.3f} | {v['true_score']:.3f} | {v['correct']:.3f} | "
               f"{v['probe_cloze_accuracy']:.3f} |" for k, v in p.items()]
@@ -285,21 +361,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--no-ppo", action="store_true", help="skip the arithmetic reward model and PPO")
     ap.add_argument("--no-prefs", action="store_true", help="skip the preference losses")
+    ap.add_argument("--methods", nargs="+", default=["grpo", "rloo"], choices=["grpo", "rloo"],
+                    help="the verifiable-reward RL methods to run")
+    ap.add_argument("--rl-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for the GRPO / RLOO runs, after the bench's own (e.g. objective.epochs=4)")
+    ap.add_argument("--rl-questions", type=int, default=None, metavar="N",
+                    help="GRPO / RLOO sample their prompts from the first N training questions only (each N / 8 "
+                    "rollouts), so every one is trained on several times; the split reports them as 'sampled'")
+    ap.add_argument("--tag", default="", help="suffix of the GRPO / RLOO run dirs (<method><tag>-s<seed>), so "
+                    "runs with other --rl-set do not reuse these")
     args = ap.parse_args()
     runs, out = Path(args.out), Path(args.json)
     runs.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, "
                  f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
-                 "command": "python bench/rl.py", "seconds": seconds, "rl_steps": RL_STEPS, "sft_steps": SFT_STEPS}
-    res["arithmetic"] = arithmetic(runs, args.seeds, not args.no_ppo, seconds)
+                 "command": "python " + " ".join(sys.argv).replace(f"{ROOT}/", ""), "seconds": seconds,
+                 "rl_steps": RL_STEPS, "sft_steps": SFT_STEPS, "rl_set": args.rl_set, "tag": args.tag,
+                 "rl_questions": args.rl_questions}
+    res["arithmetic"] = arithmetic(runs, args.seeds, not args.no_ppo, seconds, args.methods, args.rl_set, args.tag,
+                                   args.rl_questions)
     if not args.no_prefs:
         res["preferences"] = preferences(runs, seconds)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1).replace(f"{ROOT}/", "") + "\n", encoding="utf-8")  # no machine paths
-    plot(res["arithmetic"], out.with_name("rl-reward.png"))
-    if "preferences" in res:
-        print(table(res))
+    title = f"\nprompts: the first {args.rl_questions} training questions" if args.rl_questions else ""
+    plot(res["arithmetic"], out.with_name(f"{out.stem}-reward.png"), title)
+    print(table(res))
 
 
 if __name__ == "__main__":

@@ -327,16 +327,18 @@ def files(tmp_path_factory, llama_dir, tok) -> dict[str, Path]:
     }
 
 
-def lora_policy(llama_dir: Path, tok):
+def lora_policy(llama_dir: Path, tok, boost: torch.Tensor | None = None):
+    """The tiny Llama with LoRA (B = 0: the policy is its reference); `boost` (V,) is added to its logits."""
     base = AutoModelForCausalLM.from_pretrained(str(llama_dir))
-    boost = torch.zeros(len(tok))
-    boost[tok.convert_tokens_to_ids("<|im_end|>")] = STOP_BOOST
+    if boost is None:
+        boost = torch.zeros(len(tok))
+        boost[tok.convert_tokens_to_ids("<|im_end|>")] = STOP_BOOST
     base.lm_head.register_forward_hook(lambda mod, args, out: out + boost)  # policy and reference both see it
     return METHODS["lora"].apply(base, build_config({"method": {"name": "lora", "r": 4, "dropout": 0.0}}).method)
 
 
 def make_runtime(llama_dir, tok, files, data: str = "chat", batch_size: int = 4, eval_data: str | None = None,
-                 **objective):
+                 boost: torch.Tensor | None = None, **objective):
     cfg = build_config({
         "model": {"name_or_path": str(llama_dir)},
         "data": {"train": str(files[data]), "eval": str(files[eval_data]) if eval_data else None, "max_length": 64},
@@ -345,7 +347,7 @@ def make_runtime(llama_dir, tok, files, data: str = "chat", batch_size: int = 4,
                       **objective},
         "train": {"batch_size": batch_size, "seed": 3},
     })
-    policy = lora_policy(llama_dir, tok)
+    policy = lora_policy(llama_dir, tok, boost)
     spec = OBJECTIVES[cfg.objective.name]
     data = load_tokenized(cfg.data, "train", tok, mask_prompt=True, formats=spec.formats, log=tiny.quiet)
     runtime = spec.make_runtime(RunContext(cfg, policy, tok, CPU, tiny.quiet, data.examples, tok.pad_token_id))
@@ -442,6 +444,130 @@ def test_the_rest_of_a_rollout_survives_a_checkpoint_exactly(llama_dir, tok, fil
         assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert sorted(first.where + [w for mb in rest for w in mb.where]) == sorted(state["pending"]["where"])
     assert isinstance(Rollout(**state["pending"]), Rollout)
+
+
+# ----------------------------------------------------------------------------- the credit path, on known answers
+
+
+@pytest.fixture
+def amber_reward(request):
+    """1 for the reply "amber" (then the end of turn or nothing), 0 for anything else."""
+    register_reward("test_amber", lambda reply, record: float(reply.strip() == "amber"))
+    request.addfinalizer(lambda: REWARDS.pop("test_amber", None))
+    return "test_amber"
+
+
+def test_each_on_policy_step_raises_the_probability_of_the_one_rewarded_reply(llama_dir, tok, files, amber_reward):
+    """A toy task with a known optimum: the reply "amber<|im_end|>" scores 1, every other 0, so the expected
+    reward is pi(amber | prompt) * pi(<|im_end|> | prompt, amber), computed exactly here (not sampled). One
+    rollout = one minibatch = one on-policy Adam step, as the loop takes it: every step must raise it. A
+    wrong sign, an advantage given to another group's reply or log-probs one position off do not."""
+    (amber,) = tok("amber", add_special_tokens=False)["input_ids"]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    boost = torch.zeros(len(tok))
+    boost[[amber, im_end]] = STOP_BOOST  # the random model samples "amber<|im_end|>" in ~2% of replies
+    runtime, stream, policy, examples = make_runtime(llama_dir, tok, files, boost=boost, reward=amber_reward, beta=0.0,
+                                                     num_generations=16, prompts_per_rollout=4, max_new_tokens=2,
+                                                     batch_size=64)
+    queries = [runtime.query(e) for e in examples]
+
+    @torch.no_grad()
+    def expected_reward() -> float:
+        policy.eval()
+        total = 0.0
+        for q in queries:
+            logp = torch.log_softmax(policy(input_ids=torch.tensor([q + [amber]])).logits[0].double(), -1)
+            total += float((logp[-2, amber] + logp[-1, im_end]).exp())
+        return total / len(queries)
+
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=3e-3)
+    curve, sampled = [expected_reward()], []
+    for _ in range(5):
+        (mb,) = stream.next_group(1)
+        assert runtime.pending is None and len(mb.where) == 64  # the whole rollout in one step
+        policy.train()
+        loss, n = runtime.loss(policy, mb.tensors)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+        sampled.append(runtime.stats()["reward"])
+        curve.append(expected_reward())
+    assert any(sampled), "no rollout sampled the rewarded reply: the test teaches nothing"
+    assert all(b > a for a, b in zip(curve, curve[1:], strict=False)), curve
+    assert curve[-1] > 1.4 * curve[0], curve
+
+
+def naive_reply_logps(model, query: list[int], reply: list[int], temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each reply token, the sequence alone (no padding, positions from 0)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([query + reply])).logits[0, len(query) - 1 : -1]  # (R, V)
+    return torch.log_softmax(logits.double() / temperature, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_rollout_log_probs_are_the_sampling_policys_recomputed_one_reply_at_a_time(llama_dir, tok, files,
+                                                                                 length_reward, temperature):
+    runtime, stream, policy, _ = make_runtime(llama_dir, tok, files, reward=length_reward, beta=0.1,
+                                              temperature=temperature, num_generations=4, prompts_per_rollout=3,
+                                              batch_size=6)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: the policy is no longer its reference
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    mbs = stream.next_group(2)
+    policy.eval()
+    n_query, checked = set(), 0
+    for mb in mbs:
+        t = mb.tensors
+        for r, reply in enumerate(replies_of(mb)):
+            row = t["input_ids"][r][t["attention_mask"][r].bool()].tolist()
+            query = row[: len(row) - len(reply)]
+            n_query.add(len(query))
+            mask = t["reply_mask"][r]
+            torch.testing.assert_close(t["old_logp"][r][mask].double(), naive_reply_logps(policy, query, reply,
+                                                                                          temperature),
+                                       rtol=0, atol=2e-5)
+            with policy.disable_adapter():
+                ref = naive_reply_logps(policy, query, reply, temperature)
+            torch.testing.assert_close(t["ref_logp"][r][mask].double(), ref, rtol=0, atol=2e-5)
+            checked += 1
+    assert checked == 12 and len(n_query) > 1  # prompts of several lengths: the rollout batch was padded
+    assert not torch.equal(mbs[0].tensors["old_logp"], mbs[0].tensors["ref_logp"])
+    # the first inner step is on-policy: the loss's log-probs are the rollout's, ratio exactly 1
+    policy.train()
+    runtime.loss(policy, mbs[0].tensors)
+    stats = runtime.stats()
+    assert stats["approx_kl"] < 1e-12 and stats["clip_fraction"] == 0.0 and stats["kl_token"] > 0
+
+
+def test_replies_are_sampled_from_softmax_of_logits_over_temperature_and_nothing_else(llama_dir, tok, files,
+                                                                                    length_reward):
+    """No hidden top_k (transformers' default is 50), top_p or the model's own generation_config temperature:
+    the first reply token's frequencies match softmax(logits / T) of the prompt alone, within 4 sigma."""
+    temperature, g = 0.7, 1000
+    boost = torch.zeros(len(tok))
+    boost[tok.convert_tokens_to_ids("<|im_end|>")] = STOP_BOOST
+    boost[torch.arange(10, 30)] = torch.linspace(3.0, 0.5, 20)  # a peaked head and a long tail of ~370 tokens
+    runtime, stream, policy, _ = make_runtime(llama_dir, tok, files, boost=boost, reward=length_reward,
+                                              temperature=temperature, num_generations=g, prompts_per_rollout=2,
+                                              max_new_tokens=1, batch_size=500)
+    policy.generation_config.update(top_k=3, top_p=0.5, temperature=3.0)  # what a shipped model may carry
+    stream.next_group(1)
+    rollout = runtime.pending
+    for s in (0, g):
+        query = rollout.rows[s][: rollout.n_query[s]]
+        assert all(row[: rollout.n_query[s]] == query for row in rollout.rows[s : s + g])
+        first = torch.tensor([row[rollout.n_query[s]] for row in rollout.rows[s : s + g]])
+        freq = torch.bincount(first, minlength=len(tok)).double() / g  # (V,)
+        with torch.no_grad():
+            p = torch.softmax(policy(input_ids=torch.tensor([query])).logits[0, -1].double() / temperature, -1)
+        order = p.argsort(descending=True)
+        head, tail = order[:5], order[50:]  # a top_k of 50 would leave the tail no mass at all
+        for ids in [*head[:, None], tail]:
+            want, got = float(p[ids].sum()), float(freq[ids].sum())
+            assert abs(got - want) < 4 * math.sqrt(want * (1 - want) / g), (ids.tolist()[:3], got, want)
+        assert float(p[tail].sum()) > 0.2
 
 
 def test_records_without_an_answer_are_refused_by_file_and_line(llama_dir, tok, files):

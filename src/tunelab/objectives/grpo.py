@@ -37,7 +37,9 @@ reward_curve.png.
 
 Resume: a checkpoint keeps the unused rest of the current rollout (ids, sampling and reference
 log-probs, advantages, the minibatches still to run), so a resumed run replays exactly what the
-uninterrupted run would have trained on (PPO keeps its rollout the same way). Departures: one process;
+uninterrupted run would have trained on (PPO keeps its rollout the same way). pi is the policy replies are
+sampled from, softmax(logits / temperature), in the rollout's log-probs, the loss and the reference alike
+(as TRL); a `top_k` truncation is not divided out. Departures: one process;
 DAPO's dynamic sampling and overlong shaping are not implemented; with beta 0 and a method that is
 not a peft adapter there is no reference (no kl, no eval_reward_reference).
 """
@@ -384,15 +386,21 @@ class GroupRuntime(Runtime):
         self.policy.eval()
         for s in range(0, batch["input_ids"].shape[0], self.batch_size):
             part = {k: v[s : s + self.batch_size] for k, v in batch.items()}
-            logits = forward_logits(self.policy, part)
+            logits = self._tempered(self.policy, part)
             logp, mask = token_logps(logits, part["labels"])
             logps.append(logp)
             ent += float(masked_mean(entropy_from_logits(logits[:, :-1].float()), mask)) * int(mask.sum())
             count += int(mask.sum())
             if self.reference is not None:
-                refs.append(token_logps(self.reference.forward(self.policy, forward_logits, part), part["labels"])[0])
+                refs.append(token_logps(self.reference.forward(self.policy, self._tempered, part), part["labels"])[0])
         self.policy.train(was_training)
         return torch.cat(logps), torch.cat(refs) if refs else None, ent / max(count, 1)
+
+    def _tempered(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, T, V) / temperature: the distribution the replies are sampled from, so the log-probs
+        of the rollout, of the loss and of the reference are those of the sampling policy (TRL's too)."""
+        logits = forward_logits(model, batch)
+        return logits if self.cfg.temperature == 1.0 else logits / self.cfg.temperature
 
     def _order(self, n: int) -> list[list[int]]:
         """`epochs` shuffled passes over the rollout's replies in minibatches of train.batch_size."""
@@ -432,7 +440,7 @@ class GroupRuntime(Runtime):
         if "advantages" not in batch:
             raise TunelabError(f"objective {self.cfg.name} trains on its own rollouts; this batch is not one",
                                fix=f"evaluate a {self.cfg.name} run with `tunelab eval` on prompts")
-        logp, _ = token_logps(forward_logits(model, batch), batch["labels"])
+        logp, _ = token_logps(self._tempered(model, batch), batch["labels"])
         loss_sum, n, stats = self.policy_loss(logp, batch)
         k = float(n)
         for name, value in stats.items():
