@@ -325,6 +325,35 @@ def test_loss_on_the_first_minibatch_has_ratio_one(llama_dir, tok, files, entrop
         OBJECTIVES["ppo"].loss(policy, t, runtime.cfg)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_rollout_log_probs_are_of_the_sampling_distribution_one_reply_at_a_time(llama_dir, tok, files,
+                                                                                temperature):
+    """old_logp is log softmax(logits / T) of each reply token (T: the rollout's sampling temperature),
+    recomputed naively with the reply alone; the first inner step has ratio exactly 1."""
+    from tests.test_objectives_grpo import naive_reply_logps
+
+    runtime, stream, policy = make_runtime(llama_dir, tok, files, temperature=temperature)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: the policy is no longer its reference
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    (mb,) = stream.next_group(1)
+    t = mb.tensors
+    policy.eval()
+    for r in range(len(mb.where)):
+        reply = reply_ids(mb, r)
+        row = t["input_ids"][r][t["attention_mask"][r].bool()].tolist()
+        query = row[: len(row) - len(reply)]
+        mask = t["reply_mask"][r]
+        torch.testing.assert_close(t["old_logp"][r][mask].double(), naive_reply_logps(policy, query, reply,
+                                                                                      temperature), rtol=0, atol=2e-5)
+    runtime.stats()
+    policy.train()
+    runtime.loss(policy, t)
+    assert runtime.stats()["approx_kl"] < 1e-10
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -34,6 +34,17 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return nll, shift_labels != IGNORE
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature: those of the distribution generation samples from at that temperature
+    (RL's rollout, loss and reference log-probs are of it, as TRL's; `top_k` is not divided out)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def tempered_logits(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """`forward_logits` at a sampling temperature."""
+    return tempered(forward_logits(model, batch), temperature)
+
+
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (B, T, V) for the batch's T tokens. Prompt-learning models (prompt tuning, P-tuning)
     prepend virtual-token positions to their logits; those are dropped. use_cache=False: with no KV

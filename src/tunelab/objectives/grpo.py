@@ -69,7 +69,7 @@ from tunelab.data.templates import resolve_template
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import DataError, TunelabError
 from tunelab.inference.generation import generate_ids, pad_id, stop_token_ids
-from tunelab.inference.logits import forward_logits
+from tunelab.inference.logits import tempered_logits
 from tunelab.inference.reward import rewards_of
 from tunelab.modeling.heads import is_reward_model
 from tunelab.objectives.alignment_losses import (
@@ -397,10 +397,8 @@ class GroupRuntime(Runtime):
         return torch.cat(logps), torch.cat(refs) if refs else None, ent / max(count, 1)
 
     def _tempered(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, T, V) / temperature: the distribution the replies are sampled from, so the log-probs
-        of the rollout, of the loss and of the reference are those of the sampling policy (TRL's too)."""
-        logits = forward_logits(model, batch)
-        return logits if self.cfg.temperature == 1.0 else logits / self.cfg.temperature
+        """The logits of the distribution the replies are sampled from (rollout, loss and reference alike)."""
+        return tempered_logits(model, batch, self.cfg.temperature)
 
     def _order(self, n: int) -> list[list[int]]:
         """`epochs` shuffled passes over the rollout's replies in minibatches of train.batch_size."""

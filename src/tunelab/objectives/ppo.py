@@ -32,6 +32,7 @@ trains on exactly what the uninterrupted run would (bit-identical on CPU in fp32
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -50,7 +51,7 @@ from tunelab.data.stream import MicroBatch
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
 from tunelab.inference.generation import generate_ids, greedy, pad_id, stop_token_ids
-from tunelab.inference.logits import forward_logits
+from tunelab.inference.logits import tempered, tempered_logits
 from tunelab.inference.reward import judge, rewards_of
 from tunelab.modeling.heads import ClassifierModel, is_reward_model
 from tunelab.objectives.alignment_losses import (
@@ -311,8 +312,10 @@ class PPORuntime(Runtime):
         self.policy.eval()
         logits, values = policy_forward(self.policy, batch)
         self.policy.train(was_training)
-        logp, mask = token_logps(logits, batch["labels"])  # (N, T-1): position t-1 predicts token t
-        ref_logp, _ = token_logps(self.reference.forward(self.policy, forward_logits, batch), batch["labels"])
+        # log-probs of the sampling distribution, softmax(logits / temperature), here, in the loss and the reference
+        logp, mask = token_logps(tempered(logits, cfg.temperature), batch["labels"])  # (N, T-1): t-1 predicts t
+        ref_logp, _ = token_logps(self.reference.forward(self.policy, functools.partial(
+            tempered_logits, temperature=cfg.temperature), batch), batch["labels"])
         values = values[:, :-1] * mask  # value before each reply token
         maskf = mask.float()
         kl = kl_per_token(logp, ref_logp, cfg.kl_estimator) * maskf  # (N, T-1)
@@ -362,6 +365,7 @@ class PPORuntime(Runtime):
                                fix="evaluate a PPO run with `tunelab eval` on prompts")
         cfg: PPOConfig = self.cfg
         logits, values = policy_forward(model, batch)
+        logits = tempered(logits, cfg.temperature)
         logp, _ = token_logps(logits, batch["labels"])
         mask = batch["reply_mask"]
         pg, pg_stats = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip=cfg.clip)
