@@ -3,6 +3,8 @@
     python bench/rl.py [--out runs/bench-rl] [--json docs/results/rl.json] [--seeds 42 43 44] [--no-ppo]
     python bench/rl.py --no-ppo --no-prefs --methods grpo --seeds 42 --tag=-mu4 --rl-set objective.epochs=4 \
         train.max_steps=480 --json runs/bench-rl/grpo-mu4.json      # one GRPO setting, its own run dirs
+    python bench/rl.py --no-ppo --no-prefs --methods ppo --seeds 42 --rl-questions 64 --tag=-q64 \
+        --json docs/results/rl-ppo-q64.json                          # PPO with the exact_match reward
 
 Every stage is one `tunelab train` of a shipped config with overrides; a stage whose run dir under
 --out already has `final/` is reused, so an interrupted bench resumes where it stopped.
@@ -10,8 +12,9 @@ Every stage is one `tunelab train` of a shipped config with overrides; a stage w
 1. Arithmetic (tinyworld:skills@arithmetic-*; test sums are never in training): a full-SFT warm start,
    then from it GRPO (configs/rl-grpo.yaml) and RLOO (configs/rl-rloo.yaml) with one budget (RL_STEPS
    optimizer steps = RL_STEPS / 4 rollouts of 8 prompts x 8 replies, max_new_tokens 8), one run per seed.
-   PPO (configs/align-ppo.yaml) takes only a reward model, so it gets one trained here on arithmetic
-   pairs (the right sum vs a near miss) and the same rollouts (64 replies, 4 minibatches, same steps).
+   PPO (configs/align-ppo.yaml, same rollouts: 64 prompts x 1 reply, 4 minibatches, same steps) two ways:
+   `--methods ppo` with the same exact_match reward as GRPO (one run per seed, beside them), and, unless
+   --no-ppo, with a reward model trained here on arithmetic pairs (the right sum vs a near miss), one seed.
    Measured: greedy exact match on the 100 held-out and the 500 training questions before and after,
    the training questions also split into those the run sampled as prompts (its seeded prompt stream
    replayed) and the rest, beside the SFT start's on the same split;
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import statistics
@@ -69,7 +73,7 @@ KL_SAMPLES = 4  # sampled replies per held-out question for the common KL estima
 RL_COMMON = [f"train.max_steps={RL_STEPS}", "train.warmup=8", f"train.eval_every={RL_STEPS // 2}",
              "train.save_every=0", "objective.eval_prompts=null"]
 PPO_SAME_BUDGET = [  # align-ppo.yaml turned to rl-grpo.yaml's data, LoRA, lr and rollout size
-    "data.train={prompts}-train.jsonl", "data.eval={prompts}-test.jsonl", "data.max_length=64",
+    "data.train={train}", "data.eval={prompts}-test.jsonl", "data.max_length=64",
     "method.dropout=0.0", "objective.rollout_prompts=64", "objective.ppo_epochs=1", "objective.max_new_tokens=8",
     "objective.kl_target=null", "train.batch_size=16", "train.lr=5e-4", "train.precision=fp32",
     f"train.max_steps={RL_STEPS}", "train.warmup=8", f"train.eval_every={RL_STEPS // 2}", "train.save_every=0",
@@ -130,7 +134,8 @@ _CORRECT: dict[str, dict[str, float]] = {}
 
 
 def question(record: dict) -> str:
-    return record["messages"][0]["content"]
+    """The question of a chat record (GRPO, RLOO) or a prompt record (PPO)."""
+    return record["prompt"] if "prompt" in record else record["messages"][0]["content"]
 
 
 def correct_by_question(model_dir: Path) -> dict[str, float]:
@@ -145,8 +150,8 @@ def correct_by_question(model_dir: Path) -> dict[str, float]:
 
 
 def sampled_prompts(run: Path) -> set[str]:
-    """The training questions a GRPO / RLOO run sampled: the loop's seeded data stream replayed, from which
-    each rollout takes the next prompts_per_rollout examples (objectives/grpo.py)."""
+    """The training questions an RL run sampled: the loop's seeded data stream replayed, from which each
+    rollout takes the next prompts_per_rollout (GRPO, RLOO) or rollout_prompts (PPO) examples."""
     cfg = api.resolve_config(run)
     _, tok = api.load(run / "final")
     data = load_tokenized(cfg.data, "train", tok, mask_prompt=True, formats=OBJECTIVES[cfg.objective.name].formats,
@@ -155,7 +160,7 @@ def sampled_prompts(run: Path) -> set[str]:
                          max_length=cfg.data.max_length, seed=cfg.train.seed, pad_id=pad_id(tok))
     by_where = read_tasks(cfg.data)["train"]
     n = len((run / "rollouts.jsonl").read_text().splitlines())
-    per_rollout = cfg.objective.prompts_per_rollout
+    per_rollout = getattr(cfg.objective, "prompts_per_rollout", None) or cfg.objective.rollout_prompts
     return {question(by_where[e.where]) for _ in range(n) for e in stream.next_examples(per_rollout)}
 
 
@@ -171,6 +176,27 @@ def seen_split(run: Path, start: Path) -> dict:
         # paired: questions the run got right that the start did not, and the reverse (a sign test on these)
         out.setdefault("flips", {})[part] = {"gained": sum(rl[q] > before[q] for q in qs),
                                              "lost": sum(rl[q] < before[q] for q in qs)}
+    return out
+
+
+def sign_test(k: int, n: int) -> float:
+    """Two-sided exact binomial p of k successes in n at p = 1/2."""
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
+    return min(1.0, 2 * tail) if n else 1.0
+
+
+def head_to_head(a: Path, b: Path) -> dict:
+    """Run b against run a question by question (greedy exact match of their final models): on the training
+    questions both sampled and on those neither did, how many b got right and a not ("b_only") and the
+    reverse, with the sign test's p on those."""
+    seen = sampled_prompts(a) & sampled_prompts(b)
+    right_a, right_b = correct_by_question(a / "final"), correct_by_question(b / "final")
+    out: dict = {"n_seen": len(seen)}
+    for part in ("seen", "unseen"):
+        qs = [q for q in right_a if (q in seen) == (part == "seen")]
+        a_only, b_only = sum(right_a[q] > right_b[q] for q in qs), sum(right_b[q] > right_a[q] for q in qs)
+        out[part] = {"a": statistics.fmean(right_a[q] for q in qs), "b": statistics.fmean(right_b[q] for q in qs),
+                     "a_only": a_only, "b_only": b_only, "sign_test_p": sign_test(b_only, a_only + b_only)}
     return out
 
 
@@ -211,10 +237,33 @@ def run_ppo(runs: Path, sft: Path, seconds: dict) -> dict:
                 "train.eval_every=0", "train.save_every=0"], runs, seconds)
     rm_acc = {split: api.evaluate_task(str(rm), f"{stem}-pairs-{split}.jsonl")["accuracy"]
               for split in ("test", "train")}
-    overrides = [o.format(prompts=f"{stem}-prompts") for o in PPO_SAME_BUDGET]
+    overrides = [o.format(prompts=f"{stem}-prompts", train=f"{stem}-prompts-train.jsonl") for o in PPO_SAME_BUDGET]
     ppo = train("ppo", "align-ppo.yaml", [f"model.name_or_path={sft}", f"objective.reward_model={rm}", *overrides],
                 runs, seconds)
     return {"reward_model_pairwise_accuracy": rm_acc, **rl_summary(ppo, sft), "overrides": overrides}
+
+
+def rl_overrides(method: str, runs: Path, rl_questions: int | None) -> list[str]:
+    """The bench's overrides of one verifiable-reward method: GRPO and RLOO on the chat records, PPO with
+    the exact_match reward on prompt records of the same questions, at the same budget (PPO_SAME_BUDGET)."""
+    if method != "ppo":
+        train_path = None
+        if rl_questions:  # RL samples its prompts from the first n training questions only, each many times
+            train_path = runs / f"arith-train-first{rl_questions}.jsonl"
+            write_jsonl(train_path, records(f"{ARITH}-train")[:rl_questions])
+        return [*RL_COMMON, *([f"data.train={train_path}"] if train_path else [])]
+    stem = arithmetic_pairs(runs)
+    train_path = Path(f"{stem}-prompts-train.jsonl")
+    if rl_questions:
+        train_path = runs / f"arith-prompts-train-first{rl_questions}.jsonl"
+        write_jsonl(train_path, [json.loads(x) for x in (runs / "arith-prompts-train.jsonl").read_text()
+                                 .splitlines()][:rl_questions])
+    return [*(o.format(prompts=f"{stem}-prompts", train=train_path) for o in PPO_SAME_BUDGET),
+            "objective.reward=exact_match", "objective.reward_model=null"]
+
+
+RL_CONFIG = {"grpo": "rl-grpo.yaml", "rloo": "rl-rloo.yaml", "ppo": "align-ppo.yaml"}
+RL_KEY = {"grpo": "grpo", "rloo": "rloo", "ppo": "ppo_verifiable"}  # "ppo": PPO with the reward model
 
 
 def arithmetic(runs: Path, seeds: list[int], with_ppo: bool, seconds: dict, methods: list[str],
@@ -224,16 +273,16 @@ def arithmetic(runs: Path, seeds: list[int], with_ppo: bool, seconds: dict, meth
     start = sft / "final"
     out: dict = {"sft": {"exact_match": exact_match(sft), "steps": SFT_STEPS},
                  "base": {"exact_match": exact_match("tunelab-tiny")}}
-    if rl_questions:  # RL samples its prompts from the first n training questions only, each many times
-        path = runs / f"arith-train-first{rl_questions}.jsonl"
-        write_jsonl(path, records(f"{ARITH}-train")[:rl_questions])
-        rl_set = [f"data.train={path}", *rl_set]
     for method in methods:
-        out[method] = {seed: rl_summary(train(f"{method}{tag}-s{seed}", f"rl-{method}.yaml", [
-            f"model.name_or_path={start}", f"train.seed={seed}", *RL_COMMON, *rl_set], runs, seconds), start)
+        common = rl_overrides(method, runs, rl_questions)
+        out[RL_KEY[method]] = {seed: rl_summary(train(f"{method}{tag}-s{seed}", RL_CONFIG[method], [
+            f"model.name_or_path={start}", f"train.seed={seed}", *common, *rl_set], runs, seconds), start)
             for seed in seeds}
         print(method, {s: (v["exact_match"], v["train_seen_split"], round(v["kl_to_start"], 3))
-                       for s, v in out[method].items()}, flush=True)
+                       for s, v in out[RL_KEY[method]].items()}, flush=True)
+    for method in methods[1:]:  # each later method against the first, seed by seed, question by question
+        out[f"{RL_KEY[method]}_vs_{RL_KEY[methods[0]]}"] = {
+            seed: head_to_head(runs / f"{methods[0]}{tag}-s{seed}", runs / f"{method}{tag}-s{seed}") for seed in seeds}
     if with_ppo:
         out["ppo"] = run_ppo(runs, start, seconds)
         print("ppo", out["ppo"]["exact_match"], out["ppo"]["reward_model_pairwise_accuracy"], flush=True)
@@ -293,6 +342,9 @@ def preferences(runs: Path, seconds: dict) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+LABEL = {"grpo": "GRPO", "rloo": "RLOO", "ppo_verifiable": "PPO"}
+
+
 def plot(arith: dict, png: Path, title: str) -> None:
     import matplotlib
 
@@ -302,8 +354,8 @@ def plot(arith: dict, png: Path, title: str) -> None:
     panels = 2 if "ppo" in arith else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     left = axes[0][0]
-    methods = [m for m in ("grpo", "rloo") if m in arith]
-    for method, color in zip(methods, ("tab:blue", "tab:orange"), strict=False):
+    methods = [m for m in ("grpo", "rloo", "ppo_verifiable") if m in arith]
+    for method, color in zip(methods, ("tab:blue", "tab:orange", "tab:green"), strict=False):
         runs = list(arith[method].values())
         curves = [v["rollout_reward"] for v in runs]
         per_rollout = runs[0]["steps"] / len(curves[0])  # optimizer steps per rollout
@@ -311,14 +363,14 @@ def plot(arith: dict, png: Path, title: str) -> None:
         for c in curves:
             left.plot(steps, c, color=color, alpha=0.25, lw=1)
         left.plot(steps, [statistics.fmean(x) for x in zip(*curves, strict=True)], color=color, lw=2,
-                  label=f"{method.upper()} (mean of {len(curves)} seeds)")
+                  label=f"{LABEL[method]} (mean of {len(curves)} seeds)")
     left.set(xlabel="optimizer step", ylabel="sampled reward = exact match (T=1)",
-             title=f"{' vs '.join(m.upper() for m in methods)}, verifiable reward, from the SFT model{title}")
+             title=f"{' vs '.join(LABEL[m] for m in methods)}, verifiable reward, from the SFT model{title}")
     left.legend()
     if "ppo" in arith:
         right = axes[0][1]
         r = arith["ppo"]["rollout_reward"]
-        right.plot([4 * (i + 1) for i in range(len(r))], r, color="tab:green", lw=2, label="PPO (1 seed)")
+        right.plot([4 * (i + 1) for i in range(len(r))], r, color="tab:red", lw=2, label="PPO (1 seed)")
         right.set(xlabel="optimizer step", ylabel="reward-model score (sampled)",
                   title="PPO, learned arithmetic reward model")
         right.legend()
@@ -333,16 +385,22 @@ def table(res: dict) -> str:
              f"| base | {a['base']['exact_match']['test']:.2f} | {a['base']['exact_match']['train']:.3f} | | |",
              f"| SFT | {a['sft']['exact_match']['test']:.2f} | {a['sft']['exact_match']['train']:.3f} | 0 | "
              f"{res['seconds']['sft']} |"]
-    for method in ("grpo", "rloo"):
-        for seed, v in a.get(method, {}).items():
+    for method in ("grpo", "rloo", "ppo"):
+        for seed, v in a.get(RL_KEY[method], {}).items():
             split, loop_s = v["train_seen_split"], res["seconds"][f"{method}{res['tag']}-s{seed}"]
             parts = [f"{split['start'][k]:.3f} -> {split['rl'][k]:.3f} (+{split['flips'][k]['gained']} "
                      f"-{split['flips'][k]['lost']})" for k in ("seen", "unseen")]
             lines.append(f"| {method} s{seed} | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
                          f"{v['kl_to_start']:.3f} | {loop_s} | {parts[0]} | {parts[1]} |")
+    for key in [k for k in a if "_vs_" in k]:
+        b, base = key.split("_vs_")
+        for seed, v in a[key].items():
+            lines += [f"{key} s{seed} {part}: {base} {x['a']:.3f}, {b} {x['b']:.3f}; right only by {b} "
+                      f"{x['b_only']}, only by {base} {x['a_only']} (sign test p {x['sign_test_p']:.3g})"
+                      for part, x in ((part, v[part]) for part in ("seen", "unseen"))]
     if "ppo" in a:
         v = a["ppo"]
-        lines.append(f"| ppo | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
+        lines.append(f"| ppo, reward model | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
                      f"{v['kl_to_start']:.3f} | {res['seconds']['ppo']} |")
     p = res.get("preferences", {})
     if p:
@@ -359,16 +417,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-rl"), help="run dirs (finished ones are reused)")
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "rl.json"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    ap.add_argument("--no-ppo", action="store_true", help="skip the arithmetic reward model and PPO")
+    ap.add_argument("--no-ppo", action="store_true", help="skip the arithmetic reward model and PPO with it "
+                    "(PPO with the exact_match reward is `--methods ppo`)")
     ap.add_argument("--no-prefs", action="store_true", help="skip the preference losses")
-    ap.add_argument("--methods", nargs="+", default=["grpo", "rloo"], choices=["grpo", "rloo"],
-                    help="the verifiable-reward RL methods to run")
+    ap.add_argument("--methods", nargs="+", default=["grpo", "rloo"], choices=["grpo", "rloo", "ppo"],
+                    help="the verifiable-reward RL methods to run, one run per seed (ppo: PPO with the exact_match "
+                    "reward at the same budget, 'ppo_verifiable' in the JSON)")
     ap.add_argument("--rl-set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="overrides for the GRPO / RLOO runs, after the bench's own (e.g. objective.epochs=4)")
+                    help="overrides for the runs of --methods, after the bench's own (e.g. objective.epochs=4)")
     ap.add_argument("--rl-questions", type=int, default=None, metavar="N",
-                    help="GRPO / RLOO sample their prompts from the first N training questions only (each N / 8 "
-                    "rollouts), so every one is trained on several times; the split reports them as 'sampled'")
-    ap.add_argument("--tag", default="", help="suffix of the GRPO / RLOO run dirs (<method><tag>-s<seed>), so "
+                    help="the runs of --methods sample their prompts from the first N training questions only, so "
+                    "every one is trained on several times; the split reports them as 'sampled'")
+    ap.add_argument("--tag", default="", help="suffix of the run dirs of --methods (<method><tag>-s<seed>), so "
                     "runs with other --rl-set do not reuse these")
     args = ap.parse_args()
     runs, out = Path(args.out), Path(args.json)

@@ -225,6 +225,14 @@ def test_every_method_and_objective_is_estimated(tiny_dir):
         assert e.peak > e.weights
 
 
+def test_ppo_with_a_verifiable_reward_counts_no_reward_model(tiny_dir):
+    rm = adv.prepare(str(tiny_dir), "lora", objective="ppo")  # neither given: the model as its reward model
+    fn = adv.prepare(str(tiny_dir), "lora", ["objective.reward=exact_match"], objective="ppo")
+    assert rm.cfg.objective.reward_model == str(tiny_dir) and any("objective.reward_model" in n for n in rm.notes)
+    assert fn.cfg.objective.reward_model is None and not any("reward_model" in n for n in fn.notes)
+    assert sum(x.bytes for x in fn.plan.extras) < sum(x.bytes for x in rm.plan.extras)
+
+
 def test_dpo_reference_is_a_copy_only_without_an_adapter(tiny_dir):
     lora = adv.prepare(str(tiny_dir), "lora", objective="dpo")
     full = adv.prepare(str(tiny_dir), "full", objective="dpo")

@@ -118,6 +118,8 @@ COMMANDS: dict[str, str] = {
     "tunelab eval runs/align-reward --task tinyworld:prefs@test --json": RUN,
     "tunelab score runs/align-reward --data tinyworld:prefs@rankings-test --limit 5": RUN,
     "tunelab train configs/align-ppo.yaml": RUN,
+    "tunelab train configs/align-ppo.yaml objective.reward=contains_answer objective.reward_model=null "
+    "output.dir=runs/align-ppo-answer": RUN,
     "tunelab train configs/align-dpo.yaml": RUN,
     "tunelab train configs/align-dpo.yaml method.name=qlora output.dir=runs/align-dpo-qlora": RUN,
     "tunelab train configs/align-simpo.yaml": RUN,

@@ -580,7 +580,7 @@ def test_records_without_an_answer_are_refused_by_file_and_line(llama_dir, tok, 
     assert [p.split(": ", 1)[0] for p in e.value.problems] == [f"{files['no_answer']}:1", f"{files['no_answer']}:3"]
     # a reward model needs no answer
     runtime, *_ = make_runtime(llama_dir, tok, files, data="no_answer", reward_model=str(files["rm"]))
-    assert runtime.reward_model is not None
+    assert runtime.scorer.model is not None
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -19,7 +19,7 @@ from tunelab.config import ModelConfig
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.stream import BatchStream
 from tunelab.data.types import IGNORE
-from tunelab.errors import DataError, TunelabError
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.inference.generation import greedy
 from tunelab.inference.reward import rewards_of
 from tunelab.methods import METHODS
@@ -28,6 +28,7 @@ from tunelab.objectives import OBJECTIVES
 from tunelab.objectives.alignment_losses import entropy_from_logits, gae, masked_mean, masked_whiten
 from tunelab.objectives.ppo import VALUE_HEAD, PPORuntime, RolloutStream, right_pad
 from tunelab.objectives.registry import RunContext
+from tunelab.objectives.rewards import REWARDS, exact_match, register_reward
 from tunelab.runconfig import build_config
 
 CPU = torch.device("cpu")
@@ -85,8 +86,8 @@ def make_runtime(llama_dir, tok, files, policy=None, batch_size: int = 4, **obje
         "model": {"name_or_path": str(llama_dir)},
         "data": {"train": str(files["train"]), "max_length": 64},
         "method": {"name": "lora", "r": 4, "dropout": 0.0},
-        "objective": {"name": "ppo", "reward_model": str(files["rm"]), "rollout_prompts": 6, "max_new_tokens": 6,
-                      **objective},
+        "objective": {"name": "ppo", "rollout_prompts": 6, "max_new_tokens": 6,
+                      **({} if "reward" in objective else {"reward_model": str(files["rm"])}), **objective},
         "train": {"batch_size": batch_size, "seed": 3},
     })
     policy = policy if policy is not None else lora_policy(llama_dir, tok)
@@ -530,3 +531,121 @@ def test_a_value_model_with_another_tokenizer_is_refused(llama_dir, tok, files, 
     changed.save_pretrained(str(other))
     with pytest.raises(TunelabError, match="value model .* different tokenizer"):
         make_runtime(llama_dir, tok, files, value_model=str(other))
+
+
+# ----------------------------------------------------------------------------- a verifiable reward (#19)
+
+
+def with_answers(path: Path, prompts: list[dict], answers: list[str]) -> Path:
+    return tiny.write_jsonl(path, [{**r, "answer": a} for r, a in zip(prompts, answers, strict=True)])
+
+
+def test_a_verifiable_reward_is_the_functions_value_at_each_replys_last_token(llama_dir, tok, files, tmp_path):
+    """objective.reward: exact_match against each record's answer, placed where the reward model's score goes:
+    with kl_coef 0 and the zero value head, the returns are the score discounted back from the last token."""
+    prompts, gamma = prompt_records(6), 0.5
+    # the rollout is seeded: a first run shows the replies; the second's records hold half of them as answers
+    first = {**files, "train": with_answers(tmp_path / "a.jsonl", prompts, ["zzz"] * 6)}
+    runtime, stream, _ = make_runtime(llama_dir, tok, first, reward="exact_match")
+    replies = {w.rsplit(":", 1)[1]: tok.decode(reply_ids(mb, r), skip_special_tokens=True)
+               for mb in stream.next_group(2) for r, w in enumerate(mb.where)}
+    assert runtime.stats()["reward"] == 0.0 and runtime.scorer.model is None
+    answers = [replies[str(i)] if i % 2 else "zzz" for i in range(1, 7)]  # lines 2, 4, 6: a wrong answer
+    records = [{**r, "answer": a} for r, a in zip(prompts, answers, strict=True)]
+    second = {**files, "train": with_answers(tmp_path / "b.jsonl", prompts, answers)}
+    runtime, stream, _ = make_runtime(llama_dir, tok, second, reward="exact_match", kl_coef=0.0, kl_target=None,
+                                      gamma=gamma, lam=1.0)
+    scores = []
+    for mb in stream.next_group(2):  # the first epoch: every reply once
+        t = mb.tensors
+        for r, w in enumerate(mb.where):
+            record = records[int(w.rsplit(":", 1)[1]) - 1]
+            text = tok.decode(reply_ids(mb, r), skip_special_tokens=True)
+            assert text == replies[w.rsplit(":", 1)[1]]  # the same seeded replies
+            score = exact_match(text, record)
+            n = len(reply_ids(mb, r))
+            want = torch.tensor([score * gamma ** (n - 1 - j) for j in range(n)])  # sum_k gamma^k r_{t+k}
+            torch.testing.assert_close(t["returns"][r][t["reply_mask"][r]], want, rtol=0, atol=1e-6)
+            scores.append(score)
+    assert sorted(scores) == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert runtime.stats()["reward"] == pytest.approx(0.5) and runtime.history[0]["reward"] == pytest.approx(0.5)
+
+
+def test_a_verifiable_reward_needs_its_fields_and_exactly_one_reward_option(llama_dir, tok, files, tmp_path):
+    bad = tiny.write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a?", "answer": "1"}, {"prompt": "b?"},
+                                                    {"prompt": "c?", "answer": "2"}, {"prompt": "d?"}])
+    with pytest.raises(DataError) as e:
+        make_runtime(llama_dir, tok, {**files, "train": bad}, reward="numeric")
+    assert "2 record(s)" in e.value.message and "numeric" in e.value.message and "answer" in e.value.fix
+    assert [p.split(": ", 1)[0] for p in e.value.problems] == [f"{bad}:2", f"{bad}:4"]
+    # data.eval too, before any training
+    good = with_answers(tmp_path / "good.jsonl", prompt_records(4), ["1"] * 4)
+    run = {"model": {"name_or_path": str(llama_dir)}, "data": {"train": str(good), "eval": str(bad), "max_length": 64},
+           "method": {"name": "lora", "r": 4}, "objective": {"name": "ppo", "reward": "exact_match"},
+           "train": {"max_steps": 1, "batch_size": 2, "tensorboard": False}, "output": {"dir": str(tmp_path / "r")}}
+    with pytest.raises(DataError) as e:
+        tunelab.train(run, quiet=True)
+    assert [p.split(": ", 1)[0] for p in e.value.problems] == [f"{bad}:2", f"{bad}:4"]
+    assert not (tmp_path / "r" / "final").exists()
+    # a reward model needs no answer
+    runtime, *_ = make_runtime(llama_dir, tok, files)
+    assert runtime.scorer.model is not None and runtime.scorer.name is None
+    for objective, words in (({"reward": "exact_match", "reward_model": "runs/rm"}, "not both"),
+                             ({}, "reward_model (a reward model run dir)"),
+                             ({"reward": "os:system"}, "unknown reward 'os:system'")):
+        with pytest.raises(ConfigError) as e:
+            build_config({"objective": {"name": "ppo", **objective}})
+        assert len(e.value.message.splitlines()) == 1 and words in e.value.message
+
+
+@pytest.fixture
+def length_reward(request):
+    """A reward registered from Python, as a user's script does: the reply's length in characters / 10."""
+    register_reward("test_ppo_length", lambda reply, record: len(reply) / 10)
+    request.addfinalizer(lambda: REWARDS.pop("test_ppo_length", None))
+    return "test_ppo_length"
+
+
+def test_ppo_run_with_a_python_reward_trains_evaluates_saves_and_reloads(llama_dir, tok, files, length_reward,
+                                                                         tmp_path):
+    """A reward registered from the user's script (exact_match gives the random tiny model no signal)."""
+    from tunelab.objectives import grpo
+
+    assert grpo.register_reward is register_reward and grpo.REWARDS is REWARDS  # the import path docs used first
+    run = tmp_path / "run"
+    eval_prompts = [r["prompt"] for r in prompt_records(4, offset=3)]
+    cfg = {
+        "model": {"name_or_path": str(llama_dir)},
+        "data": {"train": str(files["train"]), "eval": str(files["eval"]), "max_length": 64},
+        "method": {"name": "lora", "r": 4, "dropout": 0.0},
+        "objective": {"name": "ppo", "reward": length_reward, "rollout_prompts": 8, "ppo_epochs": 1,
+                      "max_new_tokens": 6},
+        # 8 prompts / batch 4 = 2 minibatches (steps) per rollout: 4 steps = 2 rollouts
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "scheduler": "constant", "eval_every": 4,
+                  "tensorboard": False, "precision": "fp32", "save_every": 4},
+        "output": {"dir": str(run)},
+    }
+    result = tunelab.train(cfg, quiet=True)
+    assert result.status == "completed" and result.steps == 4
+    lines = metrics_lines(run)
+    steps = [m for m in lines if "loss" in m]
+    assert [m["rollout"] for m in steps] == [0.0, 0.0, 1.0, 1.0]
+    for m in steps:
+        assert 0 < m["reward"] <= 2.5  # replies of 1-6 tokens: some characters each
+        assert all(math.isfinite(m[k]) for k in ("kl", "value_loss", "policy_loss", "approx_kl"))
+    assert json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())[
+        "objective_state"]["n_rollouts"] == 2
+    saved = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert not any("value_head" in k for k in saved)
+    assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in saved.items())  # the policy trained
+    model, _ = tunelab.load(run)
+    assert not hasattr(model, VALUE_HEAD)
+    # evaluation: greedy replies of the policy (the reloaded one) and of the base, by the same reward
+    base = AutoModelForCausalLM.from_pretrained(str(llama_dir))
+    mine, ref = ([len(x) / 10 for x in greedy(m, tok, eval_prompts, max_new_tokens=6, chat=True)]
+                 for m in (model, base))
+    (final_eval,) = [m for m in lines if "eval_reward" in m]
+    assert final_eval["eval_reward"] == pytest.approx(sum(mine) / 4)
+    assert final_eval["eval_reward_reference"] == pytest.approx(sum(ref) / 4)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, ref, strict=True))
+    assert final_eval["eval_win_rate"] == pytest.approx(wins / 4)

@@ -6,7 +6,7 @@ import pkgutil
 
 from tunelab.objectives.registry import OBJECTIVES, ObjectiveSpec, register_objective
 
-_NOT_OBJECTIVES = {"registry", "alignment_losses", "preference_losses", "frozen"}  # registry, losses, frozen models
+_NOT_OBJECTIVES = {"registry", "alignment_losses", "preference_losses", "frozen", "rewards"}  # their pieces
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name not in _NOT_OBJECTIVES and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")

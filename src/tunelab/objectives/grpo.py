@@ -19,12 +19,13 @@ order of the data stream, each sampled `num_generations` times -> rewards -> adv
 (one optimizer step per grad_accum of them). The loop normalises by the units of the whole step:
 replies (grpo, dr_grpo, rloo) or reply tokens (dapo), so accumulation never changes the update.
 
-Rewards: `reward: <name>` picks a registered function `fn(reply, record) -> float` (built in:
-exact_match, contains_answer, numeric, each against the record's "answer"); `reward_model: <path>` a
-scalar-head model (objective reward). A config only NAMES a reward: nothing is imported from it. Your
-own Python reward is registered from your own script: `register_reward("mine", fn)` before
-`tunelab.train`. Data: `{"prompt", "answer"}` records, or chats (`{"messages", "answer"}`, TinyWorld's
-skills) whose prompt is the conversation without its final assistant turn.
+Rewards (objectives/rewards.py, shared with ppo): `reward: <name>` picks a registered function
+`fn(reply, record) -> float` (built in: exact_match, contains_answer, numeric, each against the record's
+"answer"; exact_match without reward_model); `reward_model: <path>` a scalar-head model (objective reward).
+A config only NAMES a reward: nothing is imported from it. Your own Python reward is registered from your
+own script: `register_reward("mine", fn)` before `tunelab.train`. Data: `{"prompt", "answer"}` records, or
+chats (`{"messages", "answer"}`, TinyWorld's skills) whose prompt is the conversation without its final
+assistant turn.
 
 Logged per step (the rollout's numbers repeat until the next rollout): reward, reward_std (mean std
 within a group), frac_zero_std (groups whose replies all scored the same: no policy gradient),
@@ -47,31 +48,23 @@ not a peft adapter there is no reference (no kl, no eval_reward_reference).
 from __future__ import annotations
 
 import json
-import math
 import random
-import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from peft import PeftModel
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 from torch import nn
 
-from tunelab.config import ObjectiveConfig, did_you_mean
-from tunelab.data.formats.chat import chat_messages
-from tunelab.data.pipeline import read_records, split_path
 from tunelab.data.preference import prompt_example
 from tunelab.data.stream import MicroBatch
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import IGNORE, Example
-from tunelab.errors import DataError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.inference.generation import generate_ids, pad_id, stop_token_ids
 from tunelab.inference.logits import tempered_logits
-from tunelab.inference.reward import rewards_of
-from tunelab.modeling.heads import is_reward_model
 from tunelab.objectives.alignment_losses import (
     GRPO_LOSSES,
     entropy_from_logits,
@@ -83,78 +76,33 @@ from tunelab.objectives.alignment_losses import (
     rloo_loss,
     token_logps,
 )
-from tunelab.objectives.frozen import Reference, load_frozen, unwrap
+from tunelab.objectives.frozen import Reference, unwrap
 from tunelab.objectives.ppo import RolloutStream, gather, minibatch, plot_reward_curve, right_pad, spread
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
-
-# ----------------------------------------------------------------------------- verifiable rewards
-
-RewardFn = Callable[[str, dict[str, Any]], float]  # (reply text, the data record) -> reward
-
-
-@dataclass(frozen=True)
-class Reward:
-    fn: RewardFn
-    needs: tuple[str, ...]  # record fields it reads, checked on every record before training
-    summary: str
-
-
-REWARDS: dict[str, Reward] = {}
-
-
-def register_reward(name: str, fn: RewardFn, *, needs: tuple[str, ...] = (), summary: str = "",
-                    replace: bool = False) -> None:
-    """Make `fn(reply, record) -> float` the reward `objective.reward: <name>` names. Call it from your own
-    script before `tunelab.train`: a config can only name a registered reward, never import one."""
-    if not callable(fn):
-        raise TypeError(f"reward {name!r}: {fn!r} is not callable")
-    if name in REWARDS and not replace:
-        raise ValueError(f"reward {name!r} is already registered (pass replace=True to replace it)")
-    REWARDS[name] = Reward(fn, tuple(needs), summary)
-
-
-def normalize(text: str) -> str:
-    """Lower case, single spaces, no surrounding spaces, quotes or final punctuation."""
-    return " ".join(str(text).lower().split()).strip(" \"'`").rstrip(".!?;:,").strip()
-
-
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def first_number(text: str) -> float | None:
-    found = _NUMBER.search(str(text))
-    return float(found.group().replace(",", "")) if found else None
-
-
-def exact_match(reply: str, record: dict[str, Any]) -> float:
-    return float(normalize(reply) == normalize(record["answer"]))
-
-
-def contains_answer(reply: str, record: dict[str, Any]) -> float:
-    """The normalised answer inside the normalised reply, not as part of a longer word or number."""
-    answer = normalize(record["answer"])
-    return float(bool(answer) and re.search(rf"(?<![\w.]){re.escape(answer)}(?![\w])", normalize(reply)) is not None)
-
-
-def numeric(reply: str, record: dict[str, Any]) -> float:
-    want, got = first_number(record["answer"]), first_number(reply)
-    return float(want is not None and got is not None and want == got)
-
-
-register_reward("exact_match", exact_match, needs=("answer",), summary="normalised reply == the record's answer")
-register_reward("contains_answer", contains_answer, needs=("answer",), summary="the answer appears in the reply")
-register_reward("numeric", numeric, needs=("answer",), summary="the reply's first number == the answer's")
+from tunelab.objectives.rewards import (  # noqa: F401  (re-exported: the rewards lived here before #19)
+    REWARDS,
+    RewardChoice,
+    Scorer,
+    compare,
+    contains_answer,
+    exact_match,
+    is_chat,
+    numeric,
+    prompt_of,
+    read_tasks,
+    register_reward,
+)
 
 # ----------------------------------------------------------------------------- configs
 
 
-class GroupConfig(ObjectiveConfig):
+class GroupConfig(RewardChoice):
     """What grpo and rloo share: rewards, sampling, clipping, the reference, evaluation."""
 
+    default_reward = "exact_match"
     reward: str | None = Field(None, description="a registered reward by name: exact_match (the default without "
                                "reward_model), contains_answer, numeric, or your own (register_reward in your "
                                "script); never imported")
-    reward_model: str | None = Field(None, description="a reward model (objective reward run dir) instead")
     reference: str | None = Field(None, description="reference policy; default: adapter-disabled policy or a copy")
     num_generations: int = Field(8, ge=2, description="G: replies sampled per prompt")
     prompts_per_rollout: int = Field(8, gt=0)
@@ -166,28 +114,6 @@ class GroupConfig(ObjectiveConfig):
     epsilon_high: float | None = Field(None, gt=0.0, description="ratio clip above (DAPO's clip-higher); None: epsilon")
     scale_rewards: bool | None = Field(None, description="divide advantages by the group's reward std")
     eval_prompts: int | None = Field(None, gt=0, description="evaluate on the first n data.eval prompts (None: all)")
-
-    @field_validator("reward")
-    @classmethod
-    def _registered(cls, v: str | None) -> str | None:
-        if v is not None and v not in REWARDS:
-            raise ValueError(f"unknown reward {v!r}{did_you_mean(v, REWARDS)}; registered: "
-                             f"{', '.join(sorted(REWARDS))} (a config never imports code: register your own with "
-                             "tunelab.objectives.grpo.register_reward in your script)")
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_reward(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("reward") is None and data.get("reward_model") is None:
-            return {**data, "reward": "exact_match"}
-        return data
-
-    @model_validator(mode="after")
-    def _one_reward(self) -> GroupConfig:
-        if self.reward is not None and self.reward_model is not None:
-            raise ValueError("set one of reward (a registered function, e.g. exact_match) and reward_model, not both")
-        return self
 
 
 class GRPOConfig(GroupConfig):
@@ -207,27 +133,6 @@ class RLOOConfig(GroupConfig):
 
     def scaled(self) -> bool:
         return bool(self.scale_rewards)
-
-
-# ----------------------------------------------------------------------------- records and prompts
-
-
-def read_tasks(data_cfg: Any) -> dict[str, dict[str, dict[str, Any]]]:
-    """split -> `where` -> record, for every record of data.train and data.eval (validated by the pipeline)."""
-    return {split: {w: r for w, r in read_records(split_path(data_cfg, split)) if isinstance(r, dict)}
-            for split, path in (("train", data_cfg.train), ("eval", data_cfg.eval)) if path is not None}
-
-
-def is_chat(record: dict[str, Any]) -> bool:
-    return "messages" in record or "conversations" in record
-
-
-def prompt_of(record: dict[str, Any]) -> Any:
-    """The prompt: a record's `prompt`, or a chat without its final assistant turn."""
-    if not is_chat(record):
-        return record["prompt"]
-    messages = chat_messages(record)
-    return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -270,16 +175,9 @@ class GroupRuntime(Runtime):
         cfg = self.cfg
         self.ctx, self.policy, self.tokenizer = ctx, ctx.model, ctx.tokenizer
         self.batch_size, self.seed = ctx.cfg.train.batch_size, ctx.cfg.train.seed
-        splits = read_tasks(ctx.cfg.data)
-        self.records = {w: r for records in splits.values() for w, r in records.items()}
-        self.check_records([e.where for e in ctx.examples] + list(splits.get("eval", {})))  # before any training
+        self.scorer = Scorer.of_run(ctx)  # the records checked before any training
+        self.records = self.scorer.records
         self.template = resolve_template(ctx.cfg.data.chat_template, ctx.tokenizer)
-        self.reward_model = self.rm_tokenizer = None
-        if cfg.reward_model is not None:
-            self.reward_model, self.rm_tokenizer = load_frozen(cfg.reward_model, ctx.device, "reward model")
-            if not is_reward_model(self.reward_model):
-                raise TunelabError(f"{cfg.reward_model}: not a reward model (a scalar head)",
-                                   fix="train one with objective reward and method head (num_labels: 1)")
         free = isinstance(unwrap(ctx.model), PeftModel)  # the adapter-disabled policy costs no memory
         self.reference = (Reference(ctx.model, cfg.reference, ctx.device, ctx.tokenizer)
                           if cfg.beta > 0 or cfg.reference is not None or free else None)
@@ -291,7 +189,7 @@ class GroupRuntime(Runtime):
         self.rollout_stats: dict[str, float] = {}
         self.n_rollouts = 0
         self.history: list[dict[str, float]] = []
-        ctx.say(f"{cfg.name}: reward {cfg.reward or cfg.reward_model}; reference = "
+        ctx.say(f"{cfg.name}: reward {self.scorer.label}; reference = "
                 f"{self.reference.kind if self.reference else 'none'}; {cfg.prompts_per_rollout} prompts x "
                 f"{cfg.num_generations} replies per rollout x {cfg.epochs} epochs")
 
@@ -316,15 +214,7 @@ class GroupRuntime(Runtime):
     def stats(self) -> dict[str, float]:
         return {**self.rollout_stats, **self.sums.take()}
 
-    # -------------------------------------------------------------- records, prompts, rewards
-
-    def check_records(self, where: list[str]) -> None:
-        needs = REWARDS[self.cfg.reward].needs if self.cfg.reward is not None else ()
-        bad = [f"{w}: missing field {k!r} (reward {self.cfg.reward})" for w in where for k in needs
-               if k not in self.records.get(w, {})]
-        if bad:
-            raise DataError(f"{len(bad)} record(s) lack what reward {self.cfg.reward!r} compares against",
-                            fix="give every record an \"answer\" (or choose a reward that needs none)", problems=bad)
+    # -------------------------------------------------------------- prompts
 
     def query(self, example: Example) -> list[int]:
         """The prompt's token ids with the generation prompt: a prompt example's own, or a chat re-rendered."""
@@ -334,19 +224,6 @@ class GroupRuntime(Runtime):
                                                            self.template, example.where).input_ids
                                             if is_chat(record) else list(example.input_ids))
         return self._queries[example.where]
-
-    def score(self, where: list[str], texts: list[str]) -> list[float]:
-        if self.reward_model is not None:
-            items = [(prompt_of(self.records[w]), t) for w, t in zip(where, texts, strict=True)]
-            return rewards_of(self.reward_model, self.rm_tokenizer, items)
-        name = self.cfg.reward
-        out = []
-        for w, t in zip(where, texts, strict=True):
-            v = REWARDS[name].fn(t, self.records[w])
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise TunelabError(f"reward {name!r} returned {v!r} for {w}", fix="a reward returns a finite number")
-            out.append(float(v))
-        return out
 
     # -------------------------------------------------------------- rollouts
 
@@ -361,7 +238,7 @@ class GroupRuntime(Runtime):
                                batch_size=len(queries), temperature=cfg.temperature, top_k=cfg.top_k)
         stops = stop_token_ids(model, self.tokenizer)
         replies = [r if r else [stops[0]] for r in replies]
-        rewards = torch.tensor(self.score(where, [self.tokenizer.decode(r, skip_special_tokens=True)
+        rewards = torch.tensor(self.scorer(where, [self.tokenizer.decode(r, skip_special_tokens=True)
                                                   for r in replies]))  # (N,)
         rows = [q + r for q, r in zip(queries, replies, strict=True)]
         n_query = [len(q) for q in queries]
@@ -453,17 +330,13 @@ class GroupRuntime(Runtime):
         examples = examples[: self.cfg.eval_prompts] if self.cfg.eval_prompts else examples
         where = [e.where for e in examples]
         queries = [self.query(e) for e in examples]
-        mine = self.score(where, self._greedy(unwrap(model), queries))
-        out = {"reward": sum(mine) / len(mine)}
-        if self.reference is not None:
-            key = tuple(where)
-            if key not in self._reference_eval:  # the reference is frozen: its replies never change
-                texts = self.reference.forward(model, self._greedy, queries)
-                self._reference_eval[key] = self.score(where, texts)
-            ref = self._reference_eval[key]
-            wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, ref, strict=True))
-            out.update(reward_reference=sum(ref) / len(ref), win_rate=wins / len(ref))
-        return out
+        mine = self.scorer(where, self._greedy(unwrap(model), queries))
+        if self.reference is None:
+            return {"reward": sum(mine) / len(mine)}
+        key = tuple(where)
+        if key not in self._reference_eval:  # the reference is frozen: its replies never change
+            self._reference_eval[key] = self.scorer(where, self.reference.forward(model, self._greedy, queries))
+        return compare(mine, self._reference_eval[key])
 
     def _greedy(self, model: nn.Module, queries: list[list[int]]) -> list[str]:
         replies = generate_ids(model, self.tokenizer, queries, max_new_tokens=self.cfg.max_new_tokens)

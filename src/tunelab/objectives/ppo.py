@@ -1,4 +1,4 @@
-"""RLHF with PPO `ppo` (O05): classic InstructGPT-style RL from a reward model, on the one loop.
+"""RLHF with PPO `ppo` (O05): InstructGPT-style RL from a reward model or a verifiable reward, on the one loop.
 
 Ziegler et al. 2019 (arXiv:1909.08593), Ouyang et al. 2022 (arXiv:2203.02155), PPO: Schulman et al.
 2017 (arXiv:1707.06347), GAE: Schulman et al. 2016 (arXiv:1506.02438). Pieces:
@@ -6,13 +6,15 @@ Ziegler et al. 2019 (arXiv:1909.08593), Ouyang et al. 2022 (arXiv:2203.02155), P
   (a linear layer on the policy's last hidden state, zero-initialised, trained with it; it is
   checkpointed but not part of the exported model);
 - reference: frozen (objectives/frozen.py: the adapter-disabled policy for peft, no copy);
-- reward model: a scalar-head model trained with objective `reward` (`reward_model` path).
+- the score of a reply, exactly one of (objectives/rewards.py, shared with grpo and rloo): `reward_model`, a
+  scalar-head model trained with objective `reward`, or `reward`, a registered function of the reply and
+  its record (exact_match, contains_answer, numeric against the record's "answer", or your own).
 
-One rollout: `rollout_prompts` prompts from data.train (`{"prompt"}` records, in the seeded order
-of the data stream) -> sampled replies (temperature, top_k, at most max_new_tokens, cut after the
-stop token) -> per-token rewards r_t = -kl_coef * KL_t (kl_estimator, policy vs reference at
-rollout) with the reward model's score (optionally whitened over the rollout) added at the last
-reply token -> values -> GAE advantages (whitened) and returns. Then `ppo_epochs` passes over
+One rollout: `rollout_prompts` prompts from data.train (`{"prompt"}` records, with an "answer" for the
+built-in rewards; in the seeded order of the data stream) -> sampled replies (temperature, top_k, at
+most max_new_tokens, cut after the stop token) -> per-token rewards r_t = -kl_coef * KL_t (kl_estimator,
+policy vs reference at rollout) with the reply's score (optionally whitened over the rollout) added at
+the last reply token -> values -> GAE advantages (whitened) and returns. Then `ppo_epochs` passes over
 the rollout in shuffled minibatches of train.batch_size replies; each minibatch is a micro-batch
 of the loop (one optimizer step per grad_accum minibatches): clipped policy loss + vf_coef x
 clipped value loss - entropy_coef x entropy, token-weighted. After each rollout the adaptive KL
@@ -21,7 +23,7 @@ controller (kl_target set) moves kl_coef towards the target KL per reply.
 Logged per step (the rollout's numbers repeat until the next rollout): reward (mean score),
 kl (mean summed KL per reply), kl_coef, entropy, response_length, and per minibatch
 clip_fraction, approx_kl, value_loss, policy_loss. Evaluation (data.eval prompts): greedy replies
-of the policy and of the reference scored by the reward model: eval_reward, eval_reward_reference,
+of the policy and of the reference, scored as the rollouts are: eval_reward, eval_reward_reference,
 eval_win_rate (ties count half). At the end, reward_curve.png in the run dir.
 
 Resume: a checkpoint keeps the policy, value head, optimizer, data cursor, kl_coef and what is left of
@@ -44,16 +46,13 @@ from peft import PeftModel
 from pydantic import Field
 from torch import nn
 
-from tunelab.config import ObjectiveConfig
 from tunelab.data.collate import collate
-from tunelab.data.pipeline import read_records, split_path
 from tunelab.data.stream import MicroBatch
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
 from tunelab.inference.generation import generate_ids, greedy, pad_id, stop_token_ids
 from tunelab.inference.logits import tempered, tempered_logits
-from tunelab.inference.reward import judge, rewards_of
-from tunelab.modeling.heads import ClassifierModel, is_reward_model
+from tunelab.modeling.heads import ClassifierModel
 from tunelab.objectives.alignment_losses import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -67,13 +66,13 @@ from tunelab.objectives.alignment_losses import (
 )
 from tunelab.objectives.frozen import Reference, check_same_vocab, load_frozen, unwrap
 from tunelab.objectives.registry import RunContext, Runtime, StatSums, register_objective
+from tunelab.objectives.rewards import RewardChoice, Scorer, compare, prompt_of
 
 VALUE_HEAD = "tunelab_value_head"
 
 
-class PPOConfig(ObjectiveConfig):
+class PPOConfig(RewardChoice):
     name: Literal["ppo"] = "ppo"
-    reward_model: str = Field(description="a reward model (objective reward run dir, or a scalar-head model)")
     reference: str | None = Field(None, description="reference policy; default: adapter-disabled policy or a copy")
     rollout_prompts: int = Field(64, gt=0, description="prompts per rollout")
     max_new_tokens: int = Field(24, gt=0)
@@ -127,16 +126,6 @@ def value_body(path: str, device: torch.device, tokenizer: Any) -> nn.Module:
         model = model.merge_and_unload()
     body = model.body if isinstance(model, ClassifierModel) else model.base_model
     return body.train().requires_grad_(True)
-
-
-def read_prompts(data_cfg: Any) -> dict[str, Any]:
-    """`where` -> prompt of every record of data.train and data.eval (prompt records, validated later)."""
-    out: dict[str, Any] = {}
-    for split, path in (("train", data_cfg.train), ("eval", data_cfg.eval)):
-        if path is not None:
-            out.update({w: r["prompt"] for w, r in read_records(split_path(data_cfg, split))
-                        if isinstance(r, dict) and "prompt" in r})
-    return out
 
 
 def policy_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,23 +225,20 @@ class PPORuntime(Runtime):
         self.batch_size = ctx.cfg.train.batch_size
         self.seed = ctx.cfg.train.seed
         self.reference = Reference(ctx.model, cfg.reference, ctx.device, ctx.tokenizer)
-        self.reward_model, self.rm_tokenizer = load_frozen(cfg.reward_model, ctx.device, "reward model")
-        if not is_reward_model(self.reward_model):
-            raise TunelabError(f"{cfg.reward_model}: not a reward model (a scalar head)",
-                               fix="train one with objective reward and method head (num_labels: 1)")
+        self.scorer = Scorer.of_run(ctx)  # the records checked before any training
+        self.records = self.scorer.records
         hidden = unwrap(ctx.model).get_input_embeddings().weight
         body = value_body(cfg.value_model, ctx.device, ctx.tokenizer) if cfg.value_model is not None else None
         width = body.config.hidden_size if body is not None else hidden.shape[1]
         setattr(unwrap(ctx.model), VALUE_HEAD, ValueHead(width, hidden, body))
         self.kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.prompts = read_prompts(ctx.cfg.data)
         self.sums = StatSums()
         self.rollout_stats: dict[str, float] = {}
         self.n_rollouts = 0
         self.history: list[dict[str, float]] = []
         self.pending: Rollout | None = None  # what is left of the current rollout
         self._tensors: dict[str, torch.Tensor] | None = None
-        ctx.say(f"ppo: reference = {self.reference.kind}; reward model {cfg.reward_model}; value "
+        ctx.say(f"ppo: reference = {self.reference.kind}; reward {self.scorer.label}; value "
                 f"{'model ' + cfg.value_model if body is not None else 'head on the policy'}; "
                 f"{cfg.rollout_prompts} prompts per rollout x {cfg.ppo_epochs} epochs")
 
@@ -302,7 +288,7 @@ class PPORuntime(Runtime):
         stops = stop_token_ids(unwrap(self.policy), self.tokenizer)
         replies = [r if r else [stops[0]] for r in replies]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
-        scores = self._rm_scores(prompts, texts)  # (N,)
+        scores = torch.tensor(self.scorer([p.where for p in prompts], texts))  # (N,)
         if cfg.missing_stop_penalty is not None:
             scores = scores + torch.tensor([0.0 if r[-1] in stops else cfg.missing_stop_penalty for r in replies])
         batch = right_pad([q + r for q, r in zip(queries, replies, strict=True)], [len(q) for q in queries],
@@ -338,14 +324,6 @@ class PPORuntime(Runtime):
         self.pending = Rollout(rows, [len(q) for q in queries], [p.where for p in prompts], gather(logp, mask),
                                gather(values, mask), gather(adv, mask), gather(returns, mask), self._order(len(rows)))
         self._tensors = None
-
-    def _rm_scores(self, prompts: list[Example], texts: list[str]) -> torch.Tensor:
-        items = [(self._prompt_of(p), t) for p, t in zip(prompts, texts, strict=True)]
-        return torch.tensor(rewards_of(self.reward_model, self.rm_tokenizer, items))
-
-    def _prompt_of(self, example: Example) -> Any:
-        """The prompt of an example, from its record (the reward model renders prompt + reply itself)."""
-        return self.prompts[example.where]
 
     def _order(self, n: int) -> list[list[int]]:
         """`ppo_epochs` shuffled passes over the rollout's n replies, in minibatches of train.batch_size."""
@@ -385,13 +363,14 @@ class PPORuntime(Runtime):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, examples: list[Example]) -> dict[str, float]:
-        """Greedy replies of the policy and of the reference to the eval prompts, judged by the reward model."""
-        prompts = [self._prompt_of(e) for e in examples]
+        """Greedy replies of the policy and of the reference to the eval prompts, rewarded."""
+        where = [e.where for e in examples]
+        prompts = [prompt_of(self.records[w]) for w in where]
         n = self.cfg.max_new_tokens
         mine = greedy(unwrap(model), self.tokenizer, prompts, max_new_tokens=n, chat=True)
         ref = self.reference.forward(model, lambda m: greedy(m, self.tokenizer, prompts, max_new_tokens=n, chat=True))
-        out = judge(self.reward_model, self.rm_tokenizer, prompts, mine, ref)
-        return {"reward": out["reward"], "reward_reference": out["reward_baseline"], "win_rate": out["win_rate"]}
+        scores = self.scorer(where * 2, mine + ref)  # both in one call: a reward model scores them in one batch
+        return compare(scores[: len(where)], scores[len(where) :])
 
     def finish(self, model: nn.Module, run_dir: Path) -> None:
         """Detach the value head (not part of the exported policy) and draw the reward curve."""

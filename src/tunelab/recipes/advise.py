@@ -29,6 +29,7 @@ from tunelab.methods import METHODS
 from tunelab.methods.qlora import QLoraConfig, quantizable
 from tunelab.modeling.load import keep_layers, model_config
 from tunelab.objectives import OBJECTIVES
+from tunelab.objectives.rewards import RewardChoice
 from tunelab.recipes.advise_objectives import Context, Plan, objective_plan
 from tunelab.runconfig import RunConfig, build_config
 from tunelab.training.activations import Activations, Decoder, Precision, activations
@@ -95,6 +96,11 @@ def run_config(model: str, method: str, overrides: list[str], objective: str | N
                 raw["objective"] = {**obj, key: model}
                 obj = raw["objective"]
                 notes.append(f"objective.{key}: not given; taken as the model itself (set objective.{key}=PATH)")
+        if issubclass(spec.config_cls, RewardChoice) and spec.config_cls.default_reward is None \
+                and obj.get("reward") is None and obj.get("reward_model") is None:  # ppo: one of the two
+            raw["objective"] = {**obj, "reward_model": model}
+            notes.append("objective.reward_model: not given; taken as the model itself (set objective.reward_model="
+                         "PATH, or objective.reward=exact_match for a verifiable reward: no reward model)")
     return build_config(raw, "<advise>"), notes
 
 

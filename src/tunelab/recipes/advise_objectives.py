@@ -16,7 +16,7 @@ objective gets a decision rather than a silent default:
   mismatched rows (prompt + another row's completion), which the policy scores without gradient
   too: three forwards' flops beside the step's (their activations are transient, not counted).
 - distill: the frozen teacher (`teacher`), in the dtype it loads in; its forward's flops.
-- ppo: the reference (as dpo), the frozen reward model (`reward_model`: body + scalar head), a
+- ppo: the reference (as dpo), the frozen reward model when `reward_model` is set (body + scalar head), a
   trainable value head (hidden + 1 values, fp32) on the policy; rollouts generate with a KV cache
   of 2 x layers x kv heads x head_dim x positions x 32 prompts at a time; per optimizer step, a
   share of the rollout's generation and scoring forwards.
@@ -163,8 +163,10 @@ def _ppo(ctx: Context) -> Plan:
     obj, hf = ctx.cfg.objective, ctx.hf
     plan = Plan(loss="sequence")
     _reference(ctx, plan)
-    extra, n_reward = _frozen(ctx, obj.reward_model, "reward model", body_only=True)
-    plan.extras.append(extra)
+    n_reward = 0
+    if obj.reward_model is not None:  # else a registered reward function: no model
+        extra, n_reward = _frozen(ctx, obj.reward_model, "reward model", body_only=True)
+        plan.extras.append(extra)
     plan.trainable.append((hf.hidden_size + 1, 4))
     plan.extras.append(Extra("value head (trained)", 4 * (hf.hidden_size + 1), "its gradients and optimizer "
                              "states are counted with the policy's"))
