@@ -5,6 +5,8 @@
         train.max_steps=480 --json runs/bench-rl/grpo-mu4.json      # one GRPO setting, its own run dirs
     python bench/rl.py --no-ppo --no-prefs --methods ppo --seeds 42 --rl-questions 64 --tag=-q64 \
         --json docs/results/rl-ppo-q64.json                          # PPO with the exact_match reward
+    python bench/rl.py --skill counting --sft-steps 8 --no-ppo --no-prefs --methods grpo --seeds 42 \
+        --out runs/bench-rl-counting --json docs/results/rl-counting.json  # another skill: held-out gained / lost
 
 Every stage is one `tunelab train` of a shipped config with overrides; a stage whose run dir under
 --out already has `final/` is reused, so an interrupted bench resumes where it stopped.
@@ -66,7 +68,7 @@ from tunelab.world.prefs import score_response  # noqa: E402
 from tunelab.world.resolve import resolve_task  # noqa: E402
 
 CONFIGS = ROOT / "configs"
-ARITH = "tinyworld:skills@arithmetic"
+ARITH = "tinyworld:skills@arithmetic"  # the skill: --skill sets it (e.g. counting)
 SFT_STEPS = 120  # full SFT on the 500 training sums: ~0.4 greedy exact match on them (200 steps memorises: ~0.97)
 RL_STEPS = 120  # 30 rollouts x 64 replies for every RL method
 KL_SAMPLES = 4  # sampled replies per held-out question for the common KL estimate
@@ -138,15 +140,36 @@ def question(record: dict) -> str:
     return record["prompt"] if "prompt" in record else record["messages"][0]["content"]
 
 
-def correct_by_question(model_dir: Path) -> dict[str, float]:
-    """Greedy exact match (the `exact_match` reward) of each of the 500 training questions, by its text."""
-    if str(model_dir) not in _CORRECT:
+def correct_by_question(model_dir: Path, split: str = "train") -> dict[str, float]:
+    """Greedy exact match (the `exact_match` reward) of each question of a split (by default the training
+    questions), by its text."""
+    key = f"{model_dir}|{split}"
+    if key not in _CORRECT:
         model, tok = api.load(model_dir)
-        train_records = records(f"{ARITH}-train")
-        replies = greedy(model, tok, [r["messages"][:-1] for r in train_records], max_new_tokens=8,
+        split_records = records(f"{ARITH}-{split}")
+        replies = greedy(model, tok, [r["messages"][:-1] for r in split_records], max_new_tokens=8,
                          batch_size=100, chat=True)
-        _CORRECT[str(model_dir)] = {question(r): em_reward(x, r) for r, x in zip(train_records, replies, strict=True)}
-    return _CORRECT[str(model_dir)]
+        _CORRECT[key] = {question(r): em_reward(x, r) for r, x in zip(split_records, replies, strict=True)}
+    return _CORRECT[key]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson interval of a binomial proportion k / n."""
+    if not n:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, mid - half), min(1.0, mid + half)]
+
+
+def heldout_flips(run_model: Path, start: Path) -> dict:
+    """Held-out questions the run gets right and its start not ("gained") and the reverse, with the sign
+    test's p on those, and each model's held-out exact match with its 95% Wilson interval."""
+    rl, before = correct_by_question(run_model, "test"), correct_by_question(start, "test")
+    gained, lost = sum(rl[q] > before[q] for q in before), sum(rl[q] < before[q] for q in before)
+    n, k_rl, k_start = len(before), round(sum(rl.values())), round(sum(before.values()))
+    return {"n": n, "start": k_start / n, "rl": k_rl / n, "start_ci95": wilson(k_start, n), "rl_ci95": wilson(k_rl, n),
+            "gained": gained, "lost": lost, "sign_test_p": sign_test(gained, gained + lost)}
 
 
 def sampled_prompts(run: Path) -> set[str]:
@@ -204,6 +227,7 @@ def rl_summary(run: Path, start: Path) -> dict:
     rollouts = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     last_eval = [m for m in metrics(run) if "eval_reward" in m][-1]
     return {"exact_match": exact_match(run), "train_seen_split": seen_split(run, start),
+            "heldout_flips": heldout_flips(run / "final", start),
             "kl_to_start": kl_to_start(run, start),
             "kl_logged_last_rollout": rollouts[-1].get("kl"), "eval_reward": last_eval["eval_reward"],
             "rollout_reward": [r["reward"] for r in rollouts], "steps": metrics(run)[-1]["step"]}
@@ -251,7 +275,7 @@ def rl_overrides(method: str, runs: Path, rl_questions: int | None) -> list[str]
         if rl_questions:  # RL samples its prompts from the first n training questions only, each many times
             train_path = runs / f"arith-train-first{rl_questions}.jsonl"
             write_jsonl(train_path, records(f"{ARITH}-train")[:rl_questions])
-        return [*RL_COMMON, *([f"data.train={train_path}"] if train_path else [])]
+        return [*RL_COMMON, f"data.train={train_path or f'{ARITH}-train'}", f"data.eval={ARITH}-test"]
     stem = arithmetic_pairs(runs)
     train_path = Path(f"{stem}-prompts-train.jsonl")
     if rl_questions:
@@ -268,10 +292,12 @@ RL_KEY = {"grpo": "grpo", "rloo": "rloo", "ppo": "ppo_verifiable"}  # "ppo": PPO
 
 def arithmetic(runs: Path, seeds: list[int], with_ppo: bool, seconds: dict, methods: list[str],
                rl_set: list[str], tag: str, rl_questions: int | None) -> dict:
+    sft_warmup = [] if SFT_STEPS >= 40 else ["train.warmup=4"]  # sft-full.yaml's 20 would outlast a short run
     sft = train("sft", "sft-full.yaml", [f"data.train={ARITH}-train", "data.eval=null", f"train.max_steps={SFT_STEPS}",
-                                         "train.lr=5e-4", "train.eval_every=0", "train.save_every=0"], runs, seconds)
+                                         "train.lr=5e-4", "train.eval_every=0", "train.save_every=0", *sft_warmup],
+                runs, seconds)
     start = sft / "final"
-    out: dict = {"sft": {"exact_match": exact_match(sft), "steps": SFT_STEPS},
+    out: dict = {"sft": {"exact_match": exact_match(sft), "steps": SFT_STEPS, "overrides": sft_warmup},
                  "base": {"exact_match": exact_match("tunelab-tiny")}}
     for method in methods:
         common = rl_overrides(method, runs, rl_questions)
@@ -380,8 +406,9 @@ def plot(arith: dict, png: Path, title: str) -> None:
 
 def table(res: dict) -> str:
     a = res["arithmetic"]
-    lines = ["| arithmetic | held-out EM | train EM | KL to SFT start | loop s | train EM sampled: SFT -> RL | "
-             "train EM not sampled: SFT -> RL |", "|---|---:|---:|---:|---:|---:|---:|",
+    lines = [f"| {res.get('skill', ARITH).split('@')[-1]} | held-out EM | train EM | KL to SFT start | loop s | "
+             "train EM sampled: SFT -> RL | train EM not sampled: SFT -> RL | held-out gained / lost (sign p) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|",
              f"| base | {a['base']['exact_match']['test']:.2f} | {a['base']['exact_match']['train']:.3f} | | |",
              f"| SFT | {a['sft']['exact_match']['test']:.2f} | {a['sft']['exact_match']['train']:.3f} | 0 | "
              f"{res['seconds']['sft']} |"]
@@ -390,8 +417,10 @@ def table(res: dict) -> str:
             split, loop_s = v["train_seen_split"], res["seconds"][f"{method}{res['tag']}-s{seed}"]
             parts = [f"{split['start'][k]:.3f} -> {split['rl'][k]:.3f} (+{split['flips'][k]['gained']} "
                      f"-{split['flips'][k]['lost']})" for k in ("seen", "unseen")]
+            h = v.get("heldout_flips")
+            flips = f"+{h['gained']} -{h['lost']} (p {h['sign_test_p']:.3g})" if h else ""
             lines.append(f"| {method} s{seed} | {v['exact_match']['test']:.2f} | {v['exact_match']['train']:.3f} | "
-                         f"{v['kl_to_start']:.3f} | {loop_s} | {parts[0]} | {parts[1]} |")
+                         f"{v['kl_to_start']:.3f} | {loop_s} | {parts[0]} | {parts[1]} | {flips} |")
     for key in [k for k in a if "_vs_" in k]:
         b, base = key.split("_vs_")
         for seed, v in a[key].items():
@@ -413,6 +442,7 @@ def table(res: dict) -> str:
 
 
 def main() -> None:
+    global ARITH, SFT_STEPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-rl"), help="run dirs (finished ones are reused)")
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "rl.json"))
@@ -428,16 +458,20 @@ def main() -> None:
     ap.add_argument("--rl-questions", type=int, default=None, metavar="N",
                     help="the runs of --methods sample their prompts from the first N training questions only, so "
                     "every one is trained on several times; the split reports them as 'sampled'")
+    ap.add_argument("--skill", default="arithmetic", help="the TinyWorld skill (tinyworld:skills@<skill>-train / "
+                    "-test) of the SFT start and the verifiable-reward runs, e.g. counting")
+    ap.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="full-SFT warm-start steps (below 40: warmup 4)")
     ap.add_argument("--tag", default="", help="suffix of the run dirs of --methods (<method><tag>-s<seed>), so "
                     "runs with other --rl-set do not reuse these")
     args = ap.parse_args()
+    ARITH, SFT_STEPS = f"tinyworld:skills@{args.skill}", args.sft_steps
     runs, out = Path(args.out), Path(args.json)
     runs.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, "
                  f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
                  "command": "python " + " ".join(sys.argv).replace(f"{ROOT}/", ""), "seconds": seconds,
-                 "rl_steps": RL_STEPS, "sft_steps": SFT_STEPS, "rl_set": args.rl_set, "tag": args.tag,
+                 "rl_steps": RL_STEPS, "sft_steps": SFT_STEPS, "skill": ARITH, "rl_set": args.rl_set, "tag": args.tag,
                  "rl_questions": args.rl_questions}
     res["arithmetic"] = arithmetic(runs, args.seeds, not args.no_ppo, seconds, args.methods, args.rl_set, args.tag,
                                    args.rl_questions)
