@@ -107,12 +107,34 @@ def test_a_damaged_entry_is_rebuilt_and_cache_false_stores_nothing(tmp_path, tok
     path = write_jsonl(tmp_path / "d.jsonl", records())
     cfg = DataConfig(train=str(path), max_length=64)
     first, _ = load(cfg, tok)
+    expected = list(first.examples)  # `first` maps the file this test truncates in place (tunelab never does)
     (entry,) = entries()
     arrow = entry / "examples.arrow"
     arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
     again, _ = load(cfg, tok)
-    assert again.examples == first.examples and (entry / "examples.arrow").stat().st_size > 0
+    assert list(again.examples) == expected and (entry / "examples.arrow").stat().st_size > 0
     assert cache.load(entries()[0].name) is not None
     os.environ["TUNELAB_DATA_CACHE"] = str(tmp_path / "off")
     load(DataConfig(train=str(path), max_length=64, cache=False), tok)
     assert not (tmp_path / "off").exists()
+
+
+def test_a_cache_that_cannot_take_the_entry_is_no_cache(tmp_path, tok, monkeypatch):
+    """A full disk under the cache folder: the run goes on, its examples written elsewhere, nothing stored."""
+    from tunelab.data import firstpass
+
+    real = firstpass.ExampleWriter
+
+    class FullDisk(real):
+        def __init__(self, path: Path):
+            if cache.data_cache_dir() in path.parents:
+                raise OSError(28, "No space left on device")
+            super().__init__(path)
+
+    monkeypatch.setattr(firstpass, "ExampleWriter", FullDisk)
+    path = write_jsonl(tmp_path / "d.jsonl", records())
+    data, logs = load(DataConfig(train=str(path), max_length=64), tok)
+    assert len(data.examples) == 12 and entries() == []
+    monkeypatch.setattr(firstpass, "ExampleWriter", real)
+    again, logs2 = load(DataConfig(train=str(path), max_length=64), tok)
+    assert again.examples == data.examples and again.fingerprint == data.fingerprint and logs2 == logs

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tunelab.errors import ConfigError
 
 HUGE = 10**9  # no count in a config (steps, ranks, tokens ...) is this large; larger is a typo
+MAX_PROCS = 256  # data.num_proc
 
 
 class Section(BaseModel):
@@ -86,7 +87,18 @@ class DataConfig(Section):
     )
     cache: bool = Field(True, description="keep the tokenized data in $TUNELAB_CACHE/data, keyed by the files' "
                         "bytes, these settings and the tokenizer: a second run on the same data skips tokenizing")
+    num_proc: int | None = Field(
+        None, description="processes that tokenize a file's first pass (1: this one only); unset: 1 for files under "
+        "64 MB, else one per CPU, at most 8. The result is the same whatever the number")
 
+
+    @field_validator("num_proc")
+    @classmethod
+    def _processes(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_PROCS:
+            raise ValueError(f"{v} processes: give 1 to {MAX_PROCS} (1: tokenize in this process only), or leave it "
+                             "unset to choose by the file's size and the CPUs")
+        return v
 
     @field_validator("train")
     @classmethod

@@ -2,9 +2,9 @@
 
 One pass over a data file (read, validate, render, tokenize, the over-length policy: `pipeline.build`)
 is stored under `$TUNELAB_CACHE/data/<key>/` (default `~/.cache/tunelab`; `$TUNELAB_DATA_CACHE` names
-another folder): the examples as an Arrow
-IPC file (`examples.arrow`, memory-mapped when read), everything else the pass learned (bad records
-with their `file:line`, counts, the messages it logged) as `meta.json`. The key is a sha256 of
+another folder): the examples as an Arrow IPC file (`examples.arrow`, written by the pass itself and
+memory-mapped when read: data/table.py), everything else the pass learned (bad records with their
+`file:line`, counts, the fingerprint, the messages it logged) as `meta.json`. The key is a sha256 of
 everything the pass depends on:
 - the data file's path (messages name it) and bytes (every file of a saved-datasets folder), and the train file's when
   the format takes its label order from it (classification);
@@ -28,15 +28,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import DataConfig
-from tunelab.data.types import Example
+from tunelab.data.table import ExampleTable
 from tunelab.world.resolve import cache_root
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CODE_DIR = Path(__file__).resolve().parent
 
 
@@ -106,52 +108,21 @@ def cache_key(path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, lab
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- Arrow <-> examples
-
-
-def _table(examples: list[Example]) -> Any:
-    import pyarrow as pa
-
-    ids = pa.list_(pa.int32())
-    rej = [e.rejected for e in examples]
-    return pa.table({
-        "input_ids": pa.array([e.input_ids for e in examples], ids),
-        "labels": pa.array([e.labels for e in examples], ids),
-        "where": pa.array([e.where for e in examples], pa.string()),
-        "label": pa.array([e.label for e in examples], pa.int64()),
-        "rejected_input_ids": pa.array([r.input_ids if r else None for r in rej], ids),
-        "rejected_labels": pa.array([r.labels if r else None for r in rej], ids),
-        "rejected_where": pa.array([r.where if r else None for r in rej], pa.string()),
-    })
-
-
-def _examples(table: Any) -> list[Example]:
-    cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    out = []
-    for i in range(table.num_rows):
-        rejected = None
-        if cols["rejected_input_ids"][i] is not None:
-            rejected = Example(cols["rejected_input_ids"][i], cols["rejected_labels"][i], cols["rejected_where"][i])
-        out.append(Example(cols["input_ids"][i], cols["labels"][i], cols["where"][i], cols["label"][i], rejected))
-    return out
-
-
 # ----------------------------------------------------------------------------- entries
 
 
-def load(key: str) -> tuple[list[Example], dict[str, Any]] | None:
-    """The entry's examples and meta, or None (absent, or damaged: then it is rebuilt)."""
+def load(key: str) -> tuple[ExampleTable, dict[str, Any]] | None:
+    """The entry's examples (memory-mapped) and meta, or None (absent, or damaged: then it is rebuilt)."""
     entry = data_cache_dir() / key
     try:
-        import pyarrow as pa
-
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-        with pa.memory_map(str(entry / "examples.arrow")) as source:
-            table = pa.ipc.open_file(source).read_all()
-        if meta.get("version") != CACHE_VERSION or table.num_rows != meta.get("n_examples"):
+        if meta.get("version") != CACHE_VERSION:
             return None
-        return _examples(table), meta
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        table = ExampleTable.open(entry / "examples.arrow")
+        if len(table) != meta.get("n_examples"):
+            raise ValueError("the entry's table and meta disagree")
+        return table, meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
         if not isinstance(e, FileNotFoundError):
             shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuilt by this run
         return None
@@ -162,25 +133,42 @@ def load(key: str) -> tuple[list[Example], dict[str, Any]] | None:
         return None
 
 
-def store(key: str, examples: list[Example], meta: dict[str, Any]) -> None:
-    """Write the entry next to its place, then rename it in (another process may have won: fine)."""
-    import pyarrow as pa
+@dataclass
+class Entry:
+    """An entry being written: the pass writes `arrow`, `commit` puts the entry in place."""
 
+    key: str
+    dir: Path
+
+    @property
+    def arrow(self) -> Path:
+        return self.dir / "examples.arrow"
+
+    def commit(self, meta: dict[str, Any]) -> None:
+        """Write meta.json and rename the entry in (another process may have won: fine)."""
+        try:
+            (self.dir / "meta.json").write_text(json.dumps({**meta, "version": CACHE_VERSION}), encoding="utf-8")
+            os.rename(self.dir, self.dir.parent / self.key)
+        except OSError:
+            pass  # the entry exists (another process), or the disk is full: this run goes on without it
+
+
+@contextmanager
+def new_entry(key: str | None) -> Iterator[Entry | None]:
+    """A temporary folder beside its place for the entry `key` (None: no key, or a cache that cannot be
+    written — a read-only cache is no cache, not an error); removed on leaving unless committed."""
+    if key is None:
+        yield None
+        return
     root = data_cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
     except OSError:
-        return  # a read-only cache is no cache, not an error
+        yield None
+        return
     try:
-        table = _table(examples)
-        with pa.OSFile(str(tmp / "examples.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "version": CACHE_VERSION, "n_examples": len(examples)}),
-                                       encoding="utf-8")
-        os.rename(tmp, root / key)
-    except OSError:
-        pass  # the entry exists (another process), or the disk is full: this run goes on without it
+        yield Entry(key, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

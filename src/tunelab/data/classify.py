@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from tunelab.data.batched import tokenize_texts
 from tunelab.data.templates import tokenize_text
 from tunelab.data.types import IGNORE, Example
 from tunelab.data.validate import Problem, RecordError, text_field, type_name
@@ -80,10 +81,27 @@ def classification_example(record: dict[str, Any], where: str, tokenizer: Any, l
     """The example of one validated record; RecordError when its label is not in `labels`."""
     name = str(record["label"])
     if name not in labels:
-        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
-        raise RecordError("unknown label", f"unknown label {name!r}; the training labels are: {shown}")
+        raise _unknown(name, labels)
     ids, _ = tokenize_text(tokenizer, record["text"])
-    label = labels.index(name)
+    return _labelled(ids, where, labels.index(name))
+
+
+def classification_examples(items: Sequence[tuple[str, dict[str, Any]]], tokenizer: Any,
+                            labels: Sequence[str]) -> list[list[Example] | RecordError]:
+    """`classification_example` of every validated `(where, record)`, tokenized in one batch."""
+    names = [str(r["label"]) for _, r in items]
+    texts = [r["text"] for (_, r), name in zip(items, names, strict=True) if name in labels]
+    tokens = iter(tokenize_texts(tokenizer, texts))
+    return [[_labelled(next(tokens)[0], where, labels.index(name))] if name in labels else _unknown(name, labels)
+            for (where, _), name in zip(items, names, strict=True)]
+
+
+def _unknown(name: str, labels: Sequence[str]) -> RecordError:
+    shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+    return RecordError("unknown label", f"unknown label {name!r}; the training labels are: {shown}")
+
+
+def _labelled(ids: list[int], where: str, label: int) -> Example:
     marks = [IGNORE] * len(ids)
     marks[min(1, len(ids) - 1)] = label
     return Example(ids, marks, where, label=label)

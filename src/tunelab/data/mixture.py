@@ -27,6 +27,7 @@ from typing import Any
 
 from tunelab.config import DataConfig
 from tunelab.data.pipeline import Log, load_tokenized
+from tunelab.data.table import ExampleTable
 from tunelab.data.types import Example
 
 
@@ -37,9 +38,9 @@ class Mixture:
 
     names: list[str]
     probs: list[float]
-    examples: list[Example]
+    examples: Sequence[Example]  # the tasks' memory-mapped tables end to end (data/table.py)
     task_of: list[int]
-    eval: dict[str, list[Example]] = field(default_factory=dict)
+    eval: dict[str, Sequence[Example]] = field(default_factory=dict)
     fingerprints: list[str] = field(default_factory=list)
 
     @property
@@ -96,19 +97,28 @@ def mixture_order(task_of: Sequence[int], probs: Sequence[float], seed: int, epo
     return order
 
 
+def concat(parts: Sequence[Sequence[Example]]) -> Sequence[Example]:
+    """The tasks' examples end to end: one table over their memory-mapped tables, or a list."""
+    if parts and all(isinstance(p, ExampleTable) for p in parts):
+        return ExampleTable.concat(parts)  # type: ignore[arg-type]
+    return [ex for p in parts for ex in p]
+
+
 def load_mixture(cfg: DataConfig, tokenizer: Any, *, mask_prompt: bool, formats: tuple[str, ...], log: Log) -> Mixture:
     """Every task of `cfg.train` (a list) through the pipeline, concatenated, with the mixing probabilities."""
     m = Mixture(names=[], probs=[], examples=[], task_of=[])
+    parts = []
     for i, task in enumerate(cfg.tasks()):
         sub = cfg.for_task(task)
         data = load_tokenized(sub, "train", tokenizer, mask_prompt=mask_prompt, formats=formats, log=log)
         m.names.append(task.name())
-        m.examples += data.examples
+        parts.append(data.examples)
         m.task_of += [i] * len(data.examples)
         m.fingerprints.append(data.fingerprint)
         if task.eval is not None:
             m.eval[task.name()] = load_tokenized(sub, "eval", tokenizer, mask_prompt=mask_prompt, formats=formats,
                                                  log=log).examples
+    m.examples = concat(parts)
     weights = [t.weight for t in cfg.tasks()]
     m.probs = mixing_probs(m.sizes(), weights, cfg.temperature)
     how = "by weight" if all(w is not None for w in weights) else f"temperature {cfg.temperature:g}"

@@ -3,6 +3,10 @@
 read (sources) -> validate -> render through the chat template and tokenize with labels (formats,
 templates) -> over-length policy -> drop examples with nothing to train. Every bad record of the
 file is collected before anything is raised, so one run lists them all.
+
+The pass runs in batches and writes Arrow (`build`, data/firstpass.py); its result is cached
+(data/cache.py) and read back memory-mapped (data/table.py). `build_per_record` is the same pass one
+record at a time, the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -12,19 +16,22 @@ import sys
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields
 from typing import Any, Literal
 
 from tunelab.config import DataConfig
 from tunelab.data import cache
+from tunelab.data.built import Built, check_format, keep, split_path
+from tunelab.data.firstpass import build
 from tunelab.data.formats import FORMATS, EncodeContext, detect_format, resolve_format
-from tunelab.data.sources import read_records, resolve_source
+from tunelab.data.sources import read_records
 from tunelab.data.templates import ChatTemplate, resolve_template
-from tunelab.data.types import IGNORE, Example, TokenizedData
+from tunelab.data.types import Example, TokenizedData
 from tunelab.data.validate import RecordError
 from tunelab.errors import DataError
 
-__all__ = ["load_tokenized", "read_records", "detect_format", "render_example", "fingerprint", "split_path"]
+__all__ = ["load_tokenized", "read_records", "detect_format", "render_example", "fingerprint", "split_path", "build",
+           "build_per_record", "Built"]
 
 Log = Callable[[str], Any]
 
@@ -49,42 +56,15 @@ def render_example(
     return ex.input_ids, ex.labels
 
 
-@dataclass
-class Built:
-    """Everything learned from one pass over a file, before the error policy is applied."""
-
-    path: str
-    fmt: str
-    n_records: int = 0
-    bad: list[tuple[str, str, str]] = field(default_factory=list)  # (where, kind, reason)
-    zero_trainable: list[str] = field(default_factory=list)  # "where: reason"
-    kept: list[Example] = field(default_factory=list)
-    n_overlength: int = 0
-    n_truncated: int = 0
-    n_dropped_overlength: int = 0
-    tokens_before: int = 0  # of every rendered example, before truncation
-    tokens_lost: int = 0
-    trained_before: int = 0  # trained (labelled) tokens of every rendered example, before truncation
-    trained_lost: int = 0
-    cut_replies: list[str] = field(default_factory=list)  # chat formats: examples whose reply end was cut
-    labels: list[str] = field(default_factory=list)  # classification: the label order (class id = position)
-
-
-def split_path(cfg: DataConfig, split: str) -> str:
-    path = cfg.train if split == "train" else cfg.eval
-    if path is None:
-        raise DataError(f"data.{split} is not set", fix=f"set data.{split} to a dataset file or folder")
-    return resolve_source(path)
-
-
-def build(
+def build_per_record(
     path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, formats: Iterable[str], log: Log,
     labels: Sequence[str] | None = None,
 ) -> Built:
-    """One pass over `path`: read, validate, render, tokenize and apply the over-length policy."""
+    """`build` one record at a time, the whole file in memory: the plain reference the batched first pass
+    (data/firstpass.py) is tested against, and the baseline of bench/scale.py."""
     records = list(read_records(path))
     fmt = resolve_format(cfg.format, records, path)
-    _check_format(path, fmt, formats)
+    check_format(path, fmt, formats)
     out = Built(path, fmt, n_records=len(records))
     spec = FORMATS[fmt]
     if spec.no_packing and cfg.packing and tokenizer is not None:
@@ -94,19 +74,11 @@ def build(
         out.labels = spec.label_order(records if train == path else read_records(train), labels)
     template = resolve_template(cfg.chat_template, tokenizer, log) if spec.chat and tokenizer is not None else None
     ctx = EncodeContext(tokenizer, template, mask_prompt, out.labels)
+    kept: list[Example] = []
     for where, record in records:
-        _one(out, where, record, cfg, ctx)
+        _one(out, kept, where, record, cfg, ctx)
+    out.kept = kept
     return out
-
-
-def _check_format(path: str, fmt: str, formats: Iterable[str]) -> None:
-    if fmt not in formats:
-        accepted = ", ".join(formats)
-        raise DataError(
-            f"{path}: dataset format {fmt!r} is not accepted by this objective (accepted: {accepted})",
-            fix="use a dataset in an accepted format, or an objective that takes this one (set data.format if "
-            "auto-detection guessed wrong)",
-        )
 
 
 def cached_build(
@@ -120,20 +92,30 @@ def cached_build(
     hit = cache.load(key) if key is not None else None
     if hit is not None:
         examples, meta = hit
-        _check_format(path, meta["fmt"], formats)  # what the objective accepts is not part of the entry
+        check_format(path, meta["fmt"], formats)  # what the objective accepts is not part of the entry
         for line in meta["said"]:
             log(line)
         kept = {f.name: meta[f.name] for f in fields(Built) if f.name not in ("path", "kept", "bad")}
         return Built(path, **kept, kept=examples, bad=[(w, k, r) for w, k, r in meta["bad"]])
     say, said = cache.recorder(log)
-    out = build(path, cfg, tokenizer, mask_prompt, formats, say, labels)
-    if key is not None:
-        meta = {f.name: getattr(out, f.name) for f in fields(Built) if f.name not in ("path", "kept")}
-        cache.store(key, out.kept, {**meta, "said": said})
+    with cache.new_entry(key) as entry:
+        try:
+            out = build(path, cfg, tokenizer, mask_prompt, formats, say, labels,
+                        arrow=entry.arrow if entry is not None else None)
+        except OSError:
+            if entry is None:
+                raise
+            # the cache folder cannot take the entry (a full disk): this run goes on without it, its messages
+            # said once already
+            entry = None
+            out = build(path, cfg, tokenizer, mask_prompt, formats, lambda _line: None, labels)
+        if entry is not None:
+            entry.commit({**{f.name: getattr(out, f.name) for f in fields(Built) if f.name not in ("path", "kept")},
+                          "said": said, "n_examples": len(out.kept)})
     return out
 
 
-def _one(out: Built, where: str, record: Any, cfg: DataConfig, ctx: EncodeContext) -> None:
+def _one(out: Built, kept: list[Example], where: str, record: Any, cfg: DataConfig, ctx: EncodeContext) -> None:
     if isinstance(record, RecordError):
         out.bad.append((where, record.kind, record.reason))
         return
@@ -150,42 +132,9 @@ def _one(out: Built, where: str, record: Any, cfg: DataConfig, ctx: EncodeContex
         out.bad.append((where, e.kind, e.reason))
         return
     for ex in examples:
-        _keep(out, ex, cfg)
-
-
-def _keep(out: Built, ex: Example, cfg: DataConfig) -> None:
-    limit = cfg.max_length
-    n = max(len(ex.input_ids), len(ex.rejected.input_ids) if ex.rejected else 0)
-    out.tokens_before += n
-    pair = [e for e in (ex, ex.rejected) if e is not None]
-    out.trained_before += sum(_trained(e.labels) for e in pair)
-    truncated = n > limit
-    if truncated:
-        out.n_overlength += 1
-        if cfg.overlength == "raise":
-            out.bad.append((ex.where, "over-length", f"{n} tokens > max_length {limit}"))
-            return
-        if cfg.overlength == "drop":
-            out.n_dropped_overlength += 1
-            return
-        out.n_truncated += 1
-        out.tokens_lost += n - limit
-        lost = sum(_trained(e.labels[limit:]) for e in pair)
-        out.trained_lost += lost
-        if lost and FORMATS[out.fmt].chat:  # a trained token past the limit: the reply's last one is among them
-            out.cut_replies.append(f"{ex.where}: {n} tokens, {lost} trained past max_length {limit}")
-        rejected = ex.rejected and replace(ex.rejected, input_ids=ex.rejected.input_ids[:limit],
-                                           labels=ex.rejected.labels[:limit])
-        ex = replace(ex, input_ids=ex.input_ids[:limit], labels=ex.labels[:limit], rejected=rejected)
-    if any(all(label == IGNORE for label in e.labels) for e in (ex, ex.rejected) if e is not None):
-        after = f" left after truncation to {limit} tokens" if truncated else ""
-        out.zero_trainable.append(f"{ex.where}: no trainable tokens{after}")
-        return
-    out.kept.append(ex)
-
-
-def _trained(labels: Sequence[int]) -> int:
-    return sum(label != IGNORE for label in labels)
+        ex = keep(out, ex, cfg)
+        if ex is not None:
+            kept.append(ex)
 
 
 def truncation_problem(out: Built, cfg: DataConfig) -> DataError | None:
@@ -267,16 +216,15 @@ def fingerprint(examples: Iterable[Example]) -> str:
 
 
 def stats(out: Built, cfg: DataConfig) -> dict[str, object]:
-    kept = out.kept
     return {
         "source": out.path,
         "format": out.fmt,
         "n_records": out.n_records,
         "n_bad": len(out.bad),
         "bad_by_reason": dict(Counter(kind for _, kind, _ in out.bad)),
-        "n_examples": len(kept),
-        "n_tokens": sum(len(ex.input_ids) for ex in kept),
-        "n_trainable_tokens": sum(sum(label != IGNORE for label in ex.labels) for ex in kept),
+        "n_examples": len(out.kept),
+        "n_tokens": out.n_tokens,
+        "n_trainable_tokens": out.n_trained,
         "max_length": cfg.max_length,
         "overlength_policy": cfg.overlength,
         "n_overlength": out.n_overlength,
@@ -321,4 +269,4 @@ def load_tokenized(
     if out.labels:  # classification: show the class ids the head's outputs will mean
         s["labels"] = out.labels
         log("data: labels " + ", ".join(f"{i}={name}" for i, name in enumerate(out.labels)))
-    return TokenizedData(out.kept, fingerprint(out.kept), s)
+    return TokenizedData(out.kept, out.fingerprint or fingerprint(out.kept), s)

@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from tunelab.data.batched import render_many, token_ids, tokenize_chats
 from tunelab.data.templates import ChatTemplate, render, tokenize_chat
 from tunelab.data.types import IGNORE, Example, Message
+from tunelab.errors import DataError
 
 PAIR_FORMATS = ("preference", "ranking")
 PROMPT_FORMAT = "prompt"  # {"prompt"} records: what PPO generates replies to
@@ -39,9 +41,12 @@ def reply_example(
     prompt: str | list[Message], reply: str, tokenizer: Any, template: ChatTemplate, where: str
 ) -> Example:
     """The conversation prompt + assistant `reply`, with only the reply (and end of turn) trained."""
-    messages = [*prompt_messages(prompt), {"role": "assistant", "content": reply}]
-    ids, labels = tokenize_chat(tokenizer, template, messages, mask_prompt=True)
+    ids, labels = tokenize_chat(tokenizer, template, reply_messages(prompt, reply), mask_prompt=True)
     return Example(ids, last_run(labels), where)
+
+
+def reply_messages(prompt: str | list[Message], reply: str) -> list[Message]:
+    return [*prompt_messages(prompt), {"role": "assistant", "content": reply}]
 
 
 def last_run(labels: list[int]) -> list[int]:
@@ -90,6 +95,57 @@ def prompt_example(record: dict[str, Any], tokenizer: Any, template: ChatTemplat
     text = render(tokenizer, template, prompt_messages(record["prompt"]), gen=True)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return Example(ids, list(ids), where)
+
+
+# ----------------------------------------------------------------------------- batches (data/batched.py)
+
+Items = list[tuple[str, dict[str, Any]]]
+
+
+def pair_examples_batch(
+    items: Items, fmt: str, tokenizer: Any, template: ChatTemplate
+) -> list[list[Example] | DataError]:
+    """`pair_examples` of every validated `(where, record)`, every reply of the batch tokenized together."""
+    pairs = [ranked_pairs(r, fmt) for _, r in items]
+    chats = [reply_messages(r["prompt"], reply) for (_, r), ps in zip(items, pairs, strict=True)
+             for pair in ps for reply in pair]
+    results = iter(tokenize_chats(tokenizer, template, chats, mask_prompt=True))
+    out: list[list[Example] | DataError] = []
+    for (where, _), ps in zip(items, pairs, strict=True):
+        mine = [next(results) for _ in range(2 * len(ps))]  # chosen, rejected of each pair, in order
+        error = next((x for x in mine if isinstance(x, DataError)), None)
+        if error is not None:
+            out.append(error)
+            continue
+        examples = []
+        for k in range(len(ps)):
+            at = where if fmt == "preference" else f"{where}#{k}"
+            (ids, labels), (r_ids, r_labels) = mine[2 * k], mine[2 * k + 1]  # type: ignore[misc]
+            examples.append(Example(ids, last_run(labels), at, rejected=Example(r_ids, last_run(r_labels), at)))
+        out.append(examples)
+    return out
+
+
+def unpaired_examples_batch(items: Items, tokenizer: Any, template: ChatTemplate) -> list[list[Example] | DataError]:
+    """`unpaired_example` of every validated `(where, record)`."""
+    chats = [reply_messages(r["prompt"], r["completion"]) for _, r in items]
+    results = tokenize_chats(tokenizer, template, chats, mask_prompt=True)
+    return [x if isinstance(x, DataError) else [Example(x[0], last_run(x[1]), where, label=int(r["label"]))]
+            for (where, r), x in zip(items, results, strict=True)]
+
+
+def prompt_examples_batch(items: Items, tokenizer: Any, template: ChatTemplate) -> list[list[Example] | DataError]:
+    """`prompt_example` of every validated `(where, record)`."""
+    texts = render_many(tokenizer, template, [prompt_messages(r["prompt"]) for _, r in items], gen=True)
+    ids = iter(token_ids(tokenizer, [t for t in texts if not isinstance(t, DataError)], add_special_tokens=False))
+    out: list[list[Example] | DataError] = []
+    for (where, _), text in zip(items, texts, strict=True):
+        if isinstance(text, DataError):
+            out.append(text)
+            continue
+        row = next(ids)
+        out.append([Example(row, list(row), where)])
+    return out
 
 
 def null_prompt_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
 from tunelab.config import DataConfig
 from tunelab.data.formats import FORMATS
 from tunelab.data.pipeline import Built, cached_build, lost_share, truncation_problem
 from tunelab.data.sources import resolve_source
+from tunelab.data.table import lengths_of
 from tunelab.data.types import IGNORE, Example
 
 MAX_LISTED = 50
@@ -61,16 +64,15 @@ def _split_report(out: Built, cfg: DataConfig) -> dict[str, Any]:
 
 
 def _token_stats(out: Built, cfg: DataConfig) -> dict[str, Any]:
-    lengths = sorted(len(ex.input_ids) for ex in out.kept)
-    trained = sum(sum(label != IGNORE for label in ex.labels) for ex in out.kept)
+    lengths = np.sort(lengths_of(out.kept))
     return {
         "examples": len(lengths),
-        "tokens": sum(lengths),
-        "trainable_tokens": trained,
-        "mean_length": sum(lengths) / len(lengths),
+        "tokens": out.n_tokens,
+        "trainable_tokens": out.n_trained,
+        "mean_length": out.n_tokens / len(lengths),
         "p50_length": _percentile(lengths, 0.50),
         "p95_length": _percentile(lengths, 0.95),
-        "max_length": lengths[-1],
+        "max_length": int(lengths[-1]),
         "limit": cfg.max_length,
         "overlength_policy": cfg.overlength,
         "overlength": out.n_overlength,
@@ -82,10 +84,10 @@ def _token_stats(out: Built, cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def _percentile(sorted_values: list[int], q: float) -> int:
-    """Nearest-rank percentile of an ascending list."""
+def _percentile(sorted_values: np.ndarray, q: float) -> int:
+    """Nearest-rank percentile of an ascending array."""
     rank = max(1, -(-len(sorted_values) * q // 1))
-    return sorted_values[int(rank) - 1]
+    return int(sorted_values[int(rank) - 1])
 
 
 def _example_view(ex: Example, tokenizer: Any) -> dict[str, Any]:

@@ -79,11 +79,14 @@ _BAD_JSON = (ValueError, RecursionError)  # json.JSONDecodeError is a ValueError
 
 
 def _read_jsonl(p: Path, name: str) -> Iterator[Record]:
-    # Decoding per line keeps one line of invalid UTF-8 a per-record error, not a crash.
-    for lineno, raw in enumerate(p.read_bytes().split(b"\n"), start=1):
-        record = _parse_line(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw)
-        if record is not None:  # blank lines are allowed
-            yield f"{name}:{lineno}", record
+    # Decoding per line keeps one line of invalid UTF-8 a per-record error, not a crash. Lines are read
+    # one at a time (split at b"\n" only, like bytes.split): memory holds a line, not the file.
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            raw = raw.removesuffix(b"\n")
+            record = _parse_line(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw)
+            if record is not None:  # blank lines are allowed
+                yield f"{name}:{lineno}", record
 
 
 def _parse_line(raw: bytes) -> dict[str, Any] | Exception | None:
@@ -94,9 +97,11 @@ def _parse_line(raw: bytes) -> dict[str, Any] | Exception | None:
     if not text.strip():
         return None
     try:
-        return _check_surrogates(_as_record(json.loads(text)))
+        record = _as_record(json.loads(text))
     except _BAD_JSON as e:
         return _json_error(e)
+    # strict UTF-8 decoding refuses surrogates: only a JSON \u escape can put one in a string
+    return _check_surrogates(record) if b"\\u" in raw else record
 
 
 def _read_json(p: Path, name: str) -> Iterator[Record]:

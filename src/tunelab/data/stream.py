@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tunelab.data.collate import collate, pack
 from tunelab.data.mixture import mixture_order
+from tunelab.data.table import lengths_of
 from tunelab.data.types import IGNORE, Example
 
 
@@ -27,19 +30,35 @@ class MicroBatch:
     n_real: int  # tokens that are not padding
 
 
-def epoch_rows(lengths: list[int], seed: int, epoch: int, packing: bool, max_length: int,
-               order: list[int] | None = None) -> list[list[int]]:
+def epoch_rows(lengths: Sequence[int] | np.ndarray, seed: int, epoch: int, packing: bool, max_length: int,
+               order: list[int] | None = None) -> Sequence[list[int]]:
     """One epoch's rows of example indices: `order` (default: a shuffle of all), packed when `packing`."""
     rng = random.Random(f"{seed}/{epoch}")
     if order is None:
         order = list(range(len(lengths)))
         rng.shuffle(order)
     if not packing:
-        return [[i] for i in order]
-    bins = pack([lengths[i] for i in order], max_length)
+        return _Singles(order)
+    bins = pack(np.asarray(lengths, dtype=np.int64)[order].tolist() if order else [], max_length)
     rows = [[order[j] for j in b] for b in bins]
     rng.shuffle(rows)
     return rows
+
+
+class _Singles(Sequence[list[int]]):
+    """One example per row, `[[i] for i in order]` made a row at a time (a million-example epoch is one
+    list of ints, not a million lists)."""
+
+    def __init__(self, order: list[int]):
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [[j] for j in self.order[i]]
+        return [self.order[i]]
 
 
 def units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -52,17 +71,17 @@ def units(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class BatchStream:
     def __init__(
-        self, examples: list[Example], *, batch_size: int, packing: bool, max_length: int, seed: int,
+        self, examples: Sequence[Example], *, batch_size: int, packing: bool, max_length: int, seed: int,
         pad_id: int, rank: int = 0, world: int = 1,
     ):
-        self.examples = examples
-        self.lengths = [len(e.input_ids) for e in examples]
+        self.examples = examples  # indexed one micro-batch at a time: a memory-mapped ExampleTable stays on disk
+        self.lengths = lengths_of(examples)  # (n,) numpy: what packing and the epoch order need
         self.batch_size, self.packing, self.max_length = batch_size, packing, max_length
         self.seed, self.pad_id, self.rank, self.world = seed, pad_id, rank, world
         self.epoch, self.index, self.samples = 0, 0, 0
         self._rows = self._epoch(0)
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
+    def _epoch(self, epoch: int) -> Sequence[list[int]]:
         return epoch_rows(self.lengths, self.seed, epoch, self.packing, self.max_length)
 
     def micro_batches_per_epoch(self) -> int:
@@ -118,11 +137,11 @@ class MixtureStream(BatchStream):
     """A BatchStream over a multi-task mixture (data/mixture.py): each epoch's order is the mixture's,
     and every batch carries `task_ids` (B, T), the task index of each token (-1 on padding)."""
 
-    def __init__(self, examples: list[Example], *, task_of: list[int], probs: list[float], **kw: Any):
+    def __init__(self, examples: Sequence[Example], *, task_of: list[int], probs: list[float], **kw: Any):
         self.task_of, self.probs = task_of, probs
         super().__init__(examples, **kw)
 
-    def _epoch(self, epoch: int) -> list[list[int]]:
+    def _epoch(self, epoch: int) -> Sequence[list[int]]:
         order = mixture_order(self.task_of, self.probs, self.seed, epoch)
         return epoch_rows(self.lengths, self.seed, epoch, self.packing, self.max_length, order)
 
@@ -133,7 +152,7 @@ class MixtureStream(BatchStream):
         for b, row in enumerate(rows):
             t = 0
             for i in row:
-                n = self.lengths[i]
+                n = int(self.lengths[i])
                 task_ids[b, t:t + n] = self.task_of[i]
                 t += n
         mb.tensors["task_ids"] = task_ids

@@ -222,13 +222,17 @@ def tokenize_chat(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of a chat: assistant turns and their end-of-turn tokens trained."""
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(
-            f"{type(tokenizer).__name__} is a slow tokenizer: prompt masking needs character offsets",
-            fix="load a fast tokenizer (a model folder with tokenizer.json)",
-        )
+        raise slow_tokenizer_error(tokenizer)
     full, spans = assistant_spans(tokenizer, template, messages)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    chat = _Encoded(full, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], special_ids(tokenizer))
+    chat = Encoded(full, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], special_ids(tokenizer))
+    return mask_chat(tokenizer, template, chat, spans, mask_prompt)
+
+
+def mask_chat(
+    tokenizer: Any, template: ChatTemplate, chat: Encoded, spans: list, mask_prompt: bool
+) -> tuple[list[int], list[int]]:
+    """Ids and labels of a tokenized chat whose assistant turns are `spans` (`assistant_spans`)."""
     trained = [False] * len(chat.ids)
     eos_after: list[int] = []  # token indices after which a trained eos is inserted
     for span in spans:
@@ -243,20 +247,27 @@ def tokenize_chat(
     return ids, [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]
 
 
+def slow_tokenizer_error(tokenizer: Any) -> DataError:
+    return DataError(
+        f"{type(tokenizer).__name__} is a slow tokenizer: prompt masking needs character offsets",
+        fix="load a fast tokenizer (a model folder with tokenizer.json)",
+    )
+
+
 def special_ids(tokenizer: Any) -> set[int]:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     return set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
 
 
 @dataclass(frozen=True)
-class _Encoded:
+class Encoded:
     text: str
     ids: list[int]
     offsets: list[tuple[int, int]]
     specials: set[int]
 
 
-def _trained_in_span(chat: _Encoded, span: tuple[int, int, str], template: ChatTemplate) -> tuple[list[int], bool]:
+def _trained_in_span(chat: Encoded, span: tuple[int, int, str], template: ChatTemplate) -> tuple[list[int], bool]:
     """Indices of the trained tokens of one assistant span, through its end-of-turn token, and
     whether the turn has no end-of-turn marker (then a trained eos must follow)."""
     start, end, content = span

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 IGNORE = -100  # label of a token that is not trained
@@ -27,6 +28,6 @@ class Example:
 
 @dataclass
 class TokenizedData:
-    examples: list[Example]
+    examples: Sequence[Example]  # a memory-mapped ExampleTable (data/table.py) from the pipeline
     fingerprint: str  # sha256 over every example's ids and labels: refuses resume on changed data
     stats: dict[str, object] = field(default_factory=dict)

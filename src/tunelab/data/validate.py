@@ -32,6 +32,9 @@ class RecordError(DataError):
         self.kind = kind
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # to and from the first pass's worker processes
+        return RecordError, (self.kind, self.reason)
+
 
 # ----------------------------------------------------------------------------- field helpers
 

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,8 @@ class Loop:
     cfg: RunConfig
     run_dir: Path
     model: nn.Module
-    train_data: list[Example]
-    eval_data: list[Example] | None
+    train_data: Sequence[Example]  # a memory-mapped ExampleTable (data/table.py) in a run: indexed, never copied
+    eval_data: Sequence[Example] | None
     pad_id: int
     data_fingerprint: str
     reporter: Reporter
@@ -276,7 +276,7 @@ class Loop:
         self._emit("eval", out)
         return out
 
-    def _evaluate(self, examples: list[Example]) -> dict[str, float]:
+    def _evaluate(self, examples: Sequence[Example]) -> dict[str, float]:
         own = self.runtime.evaluate(self.accelerator.unwrap_model(self.model), examples)
         if own is not None:
             self.model.train()
@@ -300,7 +300,7 @@ class Loop:
             loss = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
         return {f"eval_{k}": v for k, v in {**loss, **self.runtime.stats()}.items()}
 
-    def _evaluate_tasks(self, sets: dict[str, list[Example]]) -> dict[str, float]:
+    def _evaluate_tasks(self, sets: dict[str, Sequence[Example]]) -> dict[str, float]:
         """Each task's eval set alone (`eval_loss_<task>`, `eval_tokens_<task>`); `eval_loss` is their mean per
         token over all of them, `eval_loss_task_mean` the mean over tasks."""
         out: dict[str, float] = {}

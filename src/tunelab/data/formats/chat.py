@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.batched import chat_examples, tokenize_chats
 from tunelab.data.formats.registry import EncodeContext, register_format
 from tunelab.data.templates import tokenize_chat
 from tunelab.data.types import Example, Message
@@ -30,6 +31,11 @@ def encode(r: dict[str, Any], where: str, ctx: EncodeContext) -> list[Example]:
     return [Example(ids, labels, where)]
 
 
+def encode_batch(items: list[tuple[str, dict[str, Any]]], ctx: EncodeContext) -> list[Any]:
+    chats = [chat_messages(r) for _, r in items]
+    return chat_examples(items, tokenize_chats(ctx.tokenizer, ctx.template, chats, ctx.mask_prompt))
+
+
 register_format("chat", detect=lambda keys: bool(keys & {"messages", "conversations"}), priority=30,
-                validate=validate, encode=encode, chat=True, rendered=True,
+                validate=validate, encode=encode, encode_batch=encode_batch, chat=True, rendered=True,
                 summary='{"messages": [{"role": "user", "content": "..."}, ...]} or ShareGPT "conversations"')

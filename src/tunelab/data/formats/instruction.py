@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.batched import chat_examples, tokenize_chats
 from tunelab.data.formats.registry import EncodeContext, register_format
 from tunelab.data.templates import tokenize_chat
 from tunelab.data.types import Example, Message
@@ -33,6 +34,11 @@ def encode(r: dict[str, Any], where: str, ctx: EncodeContext) -> list[Example]:
     return [Example(ids, labels, where)]
 
 
+def encode_batch(items: list[tuple[str, dict[str, Any]]], ctx: EncodeContext) -> list[Any]:
+    chats = [instruction_messages(r) for _, r in items]
+    return chat_examples(items, tokenize_chats(ctx.tokenizer, ctx.template, chats, ctx.mask_prompt))
+
+
 register_format("instruction", detect=lambda keys: "instruction" in keys, priority=40, validate=validate,
-                encode=encode, chat=True, rendered=True,
+                encode=encode, encode_batch=encode_batch, chat=True, rendered=True,
                 summary='{"instruction": "...", "input": "...", "output": "..."} (alpaca)')

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.data.formats.registry import EncodeContext, register_format
-from tunelab.data.preference import NO_PACKING, pair_examples
+from tunelab.data.preference import NO_PACKING, pair_examples, pair_examples_batch
 from tunelab.data.types import Example
 from tunelab.data.validate import Problem, check_prompt, type_name
 
@@ -33,6 +33,10 @@ def encode(r: dict[str, Any], where: str, ctx: EncodeContext) -> list[Example]:
     return pair_examples(r, "ranking", ctx.tokenizer, ctx.template, where)
 
 
+def encode_batch(items: list[tuple[str, dict[str, Any]]], ctx: EncodeContext) -> list[Any]:
+    return pair_examples_batch(items, "ranking", ctx.tokenizer, ctx.template)
+
+
 register_format("ranking", detect=lambda keys: {"prompt", "responses"} <= keys, priority=20, validate=validate,
-                encode=encode, chat=True, no_packing=NO_PACKING,
+                encode=encode, encode_batch=encode_batch, chat=True, no_packing=NO_PACKING,
                 summary='{"prompt": "...", "responses": ["best", "...", "worst"]}')

@@ -8,7 +8,7 @@ model is touched and return the record's first `Problem` (validate.py), or None.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,8 @@ class EncodeContext:
 
 
 Encode = Callable[[dict[str, Any], str, EncodeContext], list[Example]]
+# validated (where, record) items -> per item its examples, or the DataError `encode` raises for it
+EncodeBatch = Callable[[list[tuple[str, dict[str, Any]]], EncodeContext], list["list[Example] | DataError"]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class FormatSpec:
     # the label order, from the training file's records and an explicit list (classification)
     label_order: Callable[[Any, Sequence[str] | None], list[str]] | None = None
     no_packing: str | None = None  # why data.packing is refused for it, if it is
+    encode_batch: EncodeBatch | None = None  # `encode` of a batch in few tokenizer calls (data/batched.py)
 
 
 FORMATS: dict[str, FormatSpec] = {}
@@ -70,7 +73,7 @@ def validate_record(record: dict[str, Any], fmt: str) -> Problem | None:
     return FORMATS[fmt].validate(record)
 
 
-def resolve_format(configured: str, records: Sequence[tuple[str, Any]], path: str) -> str:
+def resolve_format(configured: str, records: Iterable[tuple[str, Any]], path: str) -> str:
     """`configured` unless it is "auto"; then the one format every recognizable record agrees on."""
     names = ", ".join(sorted(FORMATS))
     fix = f"set data.format to one of {names}; records that do not fit it are then listed one by one"

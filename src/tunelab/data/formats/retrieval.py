@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.batched import token_ids
 from tunelab.data.formats.registry import EncodeContext, register_format
 from tunelab.data.types import Example
 from tunelab.data.validate import Problem, first, text_field
@@ -29,6 +30,14 @@ def encode(r: dict[str, Any], where: str, ctx: EncodeContext) -> list[Example]:
     return [Example(query.input_ids, query.labels, where, rejected=_plain(ctx.tokenizer, r["positive"], where))]
 
 
+def encode_batch(items: list[tuple[str, dict[str, Any]]], ctx: EncodeContext) -> list[list[Example]]:
+    queries = token_ids(ctx.tokenizer, [r["query"] for _, r in items])
+    passages = token_ids(ctx.tokenizer, [r["positive"] for _, r in items])
+    return [[Example(q, list(q), where, rejected=Example(p, list(p), where))]
+            for (where, _), q, p in zip(items, queries, passages, strict=True)]
+
+
 register_format("retrieval", detect=lambda keys: {"query", "positive"} <= keys, priority=12, validate=validate,
-                encode=encode, no_packing="retrieval pairs: each query and passage is embedded on its own row",
+                encode=encode, encode_batch=encode_batch,
+                no_packing="retrieval pairs: each query and passage is embedded on its own row",
                 summary='{"query": "...", "positive": "..."}')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.batched import tokenize_texts
 from tunelab.data.formats.registry import EncodeContext, register_format
 from tunelab.data.templates import tokenize_text
 from tunelab.data.types import Example
@@ -19,5 +20,10 @@ def encode(r: dict[str, Any], where: str, ctx: EncodeContext) -> list[Example]:
     return [Example(ids, labels, where)]
 
 
+def encode_batch(items: list[tuple[str, dict[str, Any]]], ctx: EncodeContext) -> list[list[Example]]:
+    tokens = tokenize_texts(ctx.tokenizer, [r["text"] for _, r in items])
+    return [[Example(ids, labels, where)] for (where, _), (ids, labels) in zip(items, tokens, strict=True)]
+
+
 register_format("text", detect=lambda keys: "text" in keys, priority=60, validate=validate, encode=encode,
-                rendered=True, summary='{"text": "..."}')
+                encode_batch=encode_batch, rendered=True, summary='{"text": "..."}')

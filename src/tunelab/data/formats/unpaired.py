@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.data.formats.registry import EncodeContext, register_format
-from tunelab.data.preference import NO_PACKING_UNPAIRED, unpaired_example
+from tunelab.data.preference import NO_PACKING_UNPAIRED, unpaired_example, unpaired_examples_batch
 from tunelab.data.types import Example
 from tunelab.data.validate import Problem, check_prompt, first, text_field, type_name
 
@@ -30,6 +30,10 @@ def encode(r: dict[str, Any], where: str, ctx: EncodeContext) -> list[Example]:
     return [unpaired_example(r, ctx.tokenizer, ctx.template, where)]
 
 
+def encode_batch(items: list[tuple[str, dict[str, Any]]], ctx: EncodeContext) -> list[Any]:
+    return unpaired_examples_batch(items, ctx.tokenizer, ctx.template)
+
+
 register_format("unpaired", detect=lambda keys: {"prompt", "completion", "label"} <= keys, priority=15,
-                validate=validate, encode=encode, chat=True, no_packing=NO_PACKING_UNPAIRED,
+                validate=validate, encode=encode, encode_batch=encode_batch, chat=True, no_packing=NO_PACKING_UNPAIRED,
                 summary='{"prompt": "...", "completion": "...", "label": true} (true: desirable, false: undesirable)')
