@@ -119,9 +119,8 @@ def test_nest_and_statistics():
 def test_a_killed_compare_resumes_to_the_same_table_without_rerunning_finished_cells(tmp_path, llama_dir,
                                                                                       task_files):
     train, test = task_files
-    variants = [{"name": "zero-shot", "train": False},
-                {"name": "lora", "overrides": {"method.name": "lora", "method.r": 2, "train.lr": 1e-3}},
-                {"name": "bitfit", "overrides": {"method.name": "bitfit", "train.lr": 1e-3}}]
+    variants = [{"name": "zero-shot", "train": False},  # one cell; lora two (seeds 0, 1)
+                {"name": "lora", "overrides": {"method.name": "lora", "method.r": 2, "train.lr": 1e-3}}]
     spec = write_spec(tmp_path / "spec.yaml", llama_dir, train, test, variants)
     whole = compare(spec, out=tmp_path / "whole", say=lambda _: None)
     out = tmp_path / "killed"
@@ -143,9 +142,9 @@ def test_a_killed_compare_resumes_to_the_same_table_without_rerunning_finished_c
     after = dict(sqlite3.connect(db).execute("select cell, attempts from tunelab_compare_cells"))
     assert all(after[k] == 1 for k in before)  # finished cells were not run again
     assert any(v == 2 for v in after.values())  # the one killed mid-run was
-    for name in ("zero-shot", "lora", "bitfit"):
+    for name in ("zero-shot", "lora"):
         assert resumed["colours"]["variants"][name]["scores"] == whole["colours"]["variants"][name]["scores"]
-    assert json.loads((out / "results.json").read_text())["counts"] == "5 done"
+    assert json.loads((out / "results.json").read_text())["counts"] == "3 done"
 
 
 def test_part_of_a_spec_runs_with_variants_and_tasks_filters(tmp_path, llama_dir, task_files):

@@ -233,10 +233,14 @@ ZERO_STEP = '''
 import os
 import sys
 import torch, deepspeed
+import deepspeed.comm.torch as ds_comm
 from transformers import AutoModelForCausalLM
 from tests import tiny
 from tunelab.runconfig import RunConfig
 from tunelab.training import deepspeed as generated
+# DeepSpeed's shared-memory all-reduce for CPUs is a speed-up it JIT-compiles (~60 s of C++ on 2 cores):
+# plain gloo collectives instead; the ZeRO partitioning and the step are the same
+ds_comm.build_shm_op = lambda: None
 deepspeed.init_distributed(dist_backend="gloo")
 for stage in (2, 3):
     cfg = RunConfig.model_validate({"train": {"batch_size": 2, "distributed": f"deepspeed_zero{stage}"}})
