@@ -29,6 +29,7 @@ from tunelab.data.templates import (
     special_ids,
 )
 from tunelab.data.types import Example, Message
+from tunelab.data.validate import RecordError
 from tunelab.errors import DataError
 
 RENDER_BATCH = 64  # chats per apply_chat_template call: far below the deadline for any sane template
@@ -60,9 +61,11 @@ def _render_batch(tokenizer: Any, template: ChatTemplate, chats: Chats, gen: boo
 
 
 def _render_one(tokenizer: Any, template: ChatTemplate, chat: list[Message], gen: bool) -> str | DataError:
+    """A chat's render, or the record's error. A template too slow for one chat stops the pass here and now
+    (collecting that error per chat would spend the render deadline on every chat of the file)."""
     try:
         return render(tokenizer, template, chat, gen)
-    except DataError as e:
+    except RecordError as e:
         return e
 
 
