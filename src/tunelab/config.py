@@ -90,6 +90,12 @@ class DataConfig(Section):
     num_proc: int | None = Field(
         None, description="processes that tokenize a file's first pass (1: this one only); unset: 1 for files under "
         "64 MB, else one per CPU, at most 8. The result is the same whatever the number")
+    streaming: bool = Field(
+        False, description="read and tokenize the training file a window of records at a time while the run trains, "
+        "never the whole file (a .jsonl file of any size; needs train.max_steps; nothing cached); see docs/data.md")
+    stream_window: int = Field(
+        10_000, ge=1, le=10**7, description="data.streaming: records per window; the order is shuffled within a "
+        "window, and memory holds one")
 
 
     @field_validator("num_proc")

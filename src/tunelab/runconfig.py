@@ -74,6 +74,22 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _streaming_fits(self) -> RunConfig:
+        if not self.data.streaming:
+            return self
+        if self.objective.name not in STREAMING_OBJECTIVES:
+            raise ValueError(f"data.streaming trains {' and '.join(STREAMING_OBJECTIVES)} on a file read as the run "
+                             f"goes; objective {self.objective.name} reads its whole data first: set "
+                             "data.streaming=false")
+        if self.data.tasks() or self.rag.train:
+            raise ValueError("data.streaming reads one training file; a multi-task list or rag.train is not supported "
+                             "with it")
+        if self.train.max_steps is None:
+            raise ValueError("data.streaming: a streamed file's length is not known before it is read; set "
+                             "train.max_steps instead of train.epochs")
+        return self
+
+    @model_validator(mode="after")
     def _select_best_needs_eval(self) -> RunConfig:
         if self.train.select_best and self.data.eval is None and not any(t.eval for t in self.data.tasks()):
             raise ValueError("train.select_best needs evaluation data to select by: set data.eval (e.g. a "
@@ -91,6 +107,7 @@ class RunConfig(Section):
 
 
 MIXING_OBJECTIVES = ("lm", "sft", "distill")  # objectives whose data a multi-task list may mix
+STREAMING_OBJECTIVES = ("lm", "sft")  # objectives that can train on data.streaming (no pass over the whole data)
 
 
 def method_config(value: Any) -> MethodConfig:

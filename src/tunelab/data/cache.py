@@ -54,7 +54,7 @@ def _hash_file(h: Any, path: Path) -> None:
             h.update(chunk)
 
 
-def _hash_source(h: Any, source: str) -> None:
+def hash_source(h: Any, source: str) -> None:
     p = Path(source)
     files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
     for f in files:
@@ -101,10 +101,10 @@ def cache_key(path: str, cfg: DataConfig, tokenizer: Any, mask_prompt: bool, lab
     template = Path(cfg.chat_template) if cfg.chat_template and cfg.chat_template.endswith(".jinja") else None
     if template is not None and template.is_file():
         _hash_file(h, template)
-    _hash_source(h, path)
+    hash_source(h, path)
     if train is not None and train != path:  # the label order of a classification eval comes from train
         h.update(b"train:")
-        _hash_source(h, train)
+        hash_source(h, train)
     return h.hexdigest()
 
 

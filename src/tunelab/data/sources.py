@@ -79,14 +79,24 @@ _BAD_JSON = (ValueError, RecursionError)  # json.JSONDecodeError is a ValueError
 
 
 def _read_jsonl(p: Path, name: str) -> Iterator[Record]:
+    for _, _, record in jsonl_from(p, name):
+        yield record
+
+
+def jsonl_from(p: Path, name: str, offset: int = 0, lines: int = 0) -> Iterator[tuple[int, int, Record]]:
+    """`(byte offset after its line, its line number, ("file:line", record or RecordError))` for each record
+    of a JSON Lines file from byte `offset`, which starts line `lines + 1` (a streamed run reads a window of
+    records this way and resumes at one: data/streamed.py)."""
     # Decoding per line keeps one line of invalid UTF-8 a per-record error, not a crash. Lines are read
     # one at a time (split at b"\n" only, like bytes.split): memory holds a line, not the file.
     with p.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(offset)
+        for lineno, raw in enumerate(f, start=lines + 1):
+            offset += len(raw)
             raw = raw.removesuffix(b"\n")
             record = _parse_line(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw)
             if record is not None:  # blank lines are allowed
-                yield f"{name}:{lineno}", record
+                yield offset, lineno, (f"{name}:{lineno}", record)
 
 
 def _parse_line(raw: bytes) -> dict[str, Any] | Exception | None:

@@ -30,9 +30,10 @@ class MicroBatch:
     n_real: int  # tokens that are not padding
 
 
-def epoch_rows(lengths: Sequence[int] | np.ndarray, seed: int, epoch: int, packing: bool, max_length: int,
+def epoch_rows(lengths: Sequence[int] | np.ndarray, seed: int, epoch: int | str, packing: bool, max_length: int,
                order: list[int] | None = None) -> Sequence[list[int]]:
-    """One epoch's rows of example indices: `order` (default: a shuffle of all), packed when `packing`."""
+    """One epoch's rows of example indices: `order` (default: a shuffle of all), packed when `packing`.
+    (`epoch` names the shuffle: a streamed run's is "epoch/window", data/streamed.py.)"""
     rng = random.Random(f"{seed}/{epoch}")
     if order is None:
         order = list(range(len(lengths)))

@@ -22,6 +22,7 @@ from tunelab.config import DataConfig, deep_merge, parse_overrides, read_yaml
 from tunelab.data.mixture import load_mixture
 from tunelab.data.pipeline import load_tokenized
 from tunelab.data.report import check_report
+from tunelab.data.streamed import open_streamed
 from tunelab.data.types import TokenizedData
 from tunelab.errors import ResumeError, TunelabError
 from tunelab.faults import fault_point
@@ -203,7 +204,11 @@ def _train(
         eval_data = TokenizedData(held, "") if held else None
     else:
         data = _with_passages(cfg, run_dir, tokenizer, reporter.say)
-        train_data = load_tokenized(data, "train", tokenizer, **kw)
+        if cfg.data.streaming:
+            source = open_streamed(data, tokenizer, **kw)
+            train_data = TokenizedData(source, source.fingerprint)  # type: ignore[arg-type]
+        else:
+            train_data = load_tokenized(data, "train", tokenizer, **kw)
         eval_data = load_tokenized(data, "eval", tokenizer, **kw) if cfg.data.eval else None
 
     if model is None or apply_method:
@@ -211,13 +216,14 @@ def _train(
     trainable, total = count_parameters(model)
     reporter.say(
         f"{cfg.method.name} on {cfg.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.3f}%); {len(train_data.examples):,} training examples"
+        f"({100 * trainable / total:.3f}%); " + ("training examples streamed" if cfg.data.streaming
+                                                 else f"{len(train_data.examples):,} training examples")
     )
     if main:
         save_config(cfg, run_dir / "config.yaml")
     loop = Loop(cfg, run_dir, model, train_data.examples, eval_data.examples if eval_data else None,
                 tokenizer.pad_token_id, train_data.fingerprint, reporter, tokenizer, on_event, stop, mixture, penalty)
-    if loop.planned_epochs() > ABSURD_EPOCHS:
+    if not cfg.data.streaming and loop.planned_epochs() > ABSURD_EPOCHS:
         reporter.say(f"warning: this run makes {loop.planned_epochs():,.0f} passes over {len(train_data.examples):,} "
                      f"training examples ({loop.total_steps:,} steps x grad_accum {cfg.train.grad_accum}); check "
                      "train.max_steps / train.epochs / train.grad_accum")

@@ -25,6 +25,7 @@ from torch import nn
 
 from tunelab.data.mixture import Mixture
 from tunelab.data.stream import BatchStream, MicroBatch, MixtureStream
+from tunelab.data.streamed import StreamedBatchStream, StreamedSource
 from tunelab.data.types import Example
 from tunelab.errors import EXIT_RESUMABLE
 from tunelab.inference.loss import evaluate_loss
@@ -77,7 +78,8 @@ class Loop:
     cfg: RunConfig
     run_dir: Path
     model: nn.Module
-    train_data: Sequence[Example]  # a memory-mapped ExampleTable (data/table.py) in a run: indexed, never copied
+    # a memory-mapped ExampleTable (data/table.py) in a run: indexed, never copied; or data.streaming's source
+    train_data: Sequence[Example] | StreamedSource
     eval_data: Sequence[Example] | None
     pad_id: int
     data_fingerprint: str
@@ -114,7 +116,8 @@ class Loop:
             batch_size=t.batch_size, packing=self.cfg.data.packing, max_length=self.cfg.data.max_length, seed=t.seed,
             pad_id=self.pad_id, rank=self.accelerator.process_index, world=self.accelerator.num_processes)
         self.stream = self.runtime.stream(
-            MixtureStream(self.train_data, task_of=mix.task_of, probs=mix.probs, **kw) if mix is not None
+            StreamedBatchStream(self.train_data, **kw) if isinstance(self.train_data, StreamedSource)
+            else MixtureStream(self.train_data, task_of=mix.task_of, probs=mix.probs, **kw) if mix is not None
             else BatchStream(self.train_data, **kw))
         self.total_steps = self._total_steps()
         if t.gradient_checkpointing:
