@@ -140,14 +140,19 @@ def peer_lost_guard(world: int, run_dir: Path, last_good: Callable[[], Path | No
     except RuntimeError as e:  # torch.distributed's DistError / DistBackendError are RuntimeErrors
         if world < 2 or not _peer_lost(e):
             raise
-        good = last_good()
         cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise TunelabError(
-            f"another process of this run stopped or cannot be reached ({cause[:200]}); this one stops too: "
-            + (f"the last good checkpoint is {good.name}" if good else "no checkpoint yet"),
-            fix="see why the other process stopped (its lines above or its machine's log), then "
-                + (f"continue with: tunelab train {run_dir} --resume, in as many processes" if good else
-                   f"start again: tunelab train ... output.dir={run_dir} --overwrite")) from None
+        raise _stopped(f"another process of this run stopped or cannot be reached ({cause[:200]}); this one stops "
+                       "too", "see why the other process stopped (its lines above or its machine's log), then",
+                       run_dir, last_good(), ", in as many processes") from None
+
+
+def _stopped(what: str, first: str, run_dir: Path, good: Path | None, resume_note: str = "") -> TunelabError:
+    """`what` happened: the error naming the last good checkpoint, whose fix (after `first`) continues from it
+    with --resume, or starts again when there is none."""
+    return TunelabError(
+        f"{what}: " + (f"the last good checkpoint is {good.name}" if good else "no checkpoint yet"),
+        fix=f"{first} " + (f"continue with: tunelab train {run_dir} --resume{resume_note}" if good else
+                           f"start again: tunelab train ... output.dir={run_dir} --overwrite"))
 
 
 PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "nccl",
@@ -171,8 +176,4 @@ def disk_full_guard(run_dir: Path, last_good: Callable[[], Path | None]) -> Iter
         if not _disk_full(e):
             raise
         where = getattr(e, "filename", None) or run_dir
-        good = last_good()
-        raise TunelabError(
-            f"disk full at {where}: " + (f"the last good checkpoint is {good.name}" if good else "no checkpoint yet"),
-            fix=f"free space, then continue with: tunelab train {run_dir} --resume" if good else
-            f"free space, then start again: tunelab train ... output.dir={run_dir} --overwrite") from None
+        raise _stopped(f"disk full at {where}", "free space, then", run_dir, last_good()) from None
