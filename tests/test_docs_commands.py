@@ -57,6 +57,8 @@ RUN = "run"
 NETWORK = "network: installs from the package index"
 BENCH = "minutes long; its numbers are published in docs/results/ by this benchmark"
 SUITE = "runs the test suite, which holds this file"
+GPU_BENCH = ("an 8B- or 3B-shaped model on a CUDA GPU with ~140 GB; tests/test_bench_gpu.py runs the same script at "
+             "toy size on CPU")
 META = ("meta-training and few-shot evaluation over whole task families (minutes): tests/test_meta.py runs "
         "meta_train and adapt_eval end to end on a tiny model, bench/regimes_meta.py at full size")
 SERVER = ("a server that runs until stopped, or a request to one: tests/test_serve.py starts it on a socket and "
@@ -214,6 +216,12 @@ COMMANDS: dict[str, str] = {
     'tunelab rag query runs/kb "Which hobby does Agnes Dietrich have?"': RUN,
     "tunelab eval tunelab-tiny --task tinyworld:new-facts@test --rag runs/kb --icl-k 4": RUN,
     "python bench/nonparametric.py": BENCH,
+    # docs/results/gpu.md
+    "python bench/gpu.py --cases lora-8b --json docs/results/gpu-lora-8b.json": GPU_BENCH,
+    "python bench/gpu.py --cases qlora-8b --json docs/results/gpu-qlora-8b.json": GPU_BENCH,
+    "python bench/gpu.py --cases full-3b --json docs/results/gpu-full-3b.json": GPU_BENCH,
+    "python bench/gpu.py --toy": "minutes of CPU (a process per row, compiling the fast rows); tests/test_bench_gpu.py "
+    "runs it at toy size and checks every row",
     # docs/training.md
     "tunelab train configs/sft-lora.yaml --nproc 2": "starts 2 processes under torchrun: tests/test_distributed.py "
     "runs --nproc 2 on a tiny model and compares it with one process",

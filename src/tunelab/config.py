@@ -38,7 +38,10 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="load .bin/.pt weights (runs pickle code: trust the source)")
     revision: str | None = None
-    attn_implementation: Literal["sdpa", "eager"] | None = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        "sdpa", description="the attention kernel: sdpa, eager, or a variable-length one that keeps packed documents "
+        "apart inside the kernel instead of through a (T, T) mask: flash_attention_2 (CUDA and the flash-attn "
+        "package) or flex_attention (CUDA); where this machine lacks it, one line says so and sdpa runs")
     keep_layers: list[int] | None = Field(
         None, description="keep only these decoder layers (0-based, in order): a smaller student initialised from "
         "the model's own layers, as DistilBERT does; use with method full (the saved model has the kept layers only)")
@@ -250,6 +253,17 @@ class TrainConfig(Section):
         600.0, gt=0, description="seconds a process waits in a collective (all-reduce, gather) for the others "
         "before it gives up with a message naming the last checkpoint: a process that died without closing its "
         "connections (a lost machine) cannot hold the rest longer. One process ignores it")
+    # GPU speed switches (docs/training.md): each computes what the plain path does, within float rounding, and
+    # where this machine cannot run it one line says so and the plain path runs
+    fused_optimizer: bool = Field(
+        False, description="AdamW as one fused kernel over all parameters (torch's fused=True; CPU and CUDA); "
+        "bitsandbytes' paged optimizers (QLoRA's default) keep their own")
+    liger: bool = Field(
+        False, description="liger-kernel's Triton kernels for RMSNorm, RoPE and SwiGLU in the model (Llama, Qwen, "
+        "Mistral, Gemma, Phi-3 ...); needs CUDA and `pip install 'tunelab[gpu]'`")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (inductor): needs a C++ compiler on CPU, Triton on "
+        "CUDA; the first steps are slower while it compiles")
 
     @field_validator("adam_betas")
     @classmethod

@@ -8,6 +8,7 @@ from torch import nn
 
 from tunelab.data.collate import block_causal_mask
 from tunelab.data.types import IGNORE
+from tunelab.modeling.attention import flattens_rows
 
 # peft's prompt-learning types whose virtual tokens are prepended input embeddings
 PREPENDED = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
@@ -55,7 +56,13 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
         inputs["task_ids"] = batch["task_ids"]  # (B, T)
     if "position_ids" in inputs and _prepends_prompt(model):
         return packed_prompt_logits(model, inputs["input_ids"], inputs["position_ids"], inputs.get("task_ids"))
-    return model(**inputs, use_cache=False).logits[:, -batch["input_ids"].shape[1]:]
+    b, t = batch["input_ids"].shape
+    if "position_ids" in inputs and "attention_mask" not in inputs and b > 1 and flattens_rows(model):
+        # flash-attention reads packed documents from the position ids of one row only: (B, T) -> (1, B*T); each
+        # row's padding is a run of its own (collate), so no document runs into the next row
+        flat = {k: v.reshape(1, b * t) for k, v in inputs.items()}
+        return model(**flat, use_cache=False).logits.reshape(b, t, -1)
+    return model(**inputs, use_cache=False).logits[:, -t:]
 
 
 def _prepends_prompt(model: nn.Module) -> bool:

@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tunelab.config import ModelConfig
 from tunelab.errors import TunelabError, UnsafeFileError
+from tunelab.modeling.attention import usable_attention
 
 EMBEDDED = "tunelab-tiny"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -190,8 +191,11 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, training: bool = Tr
         "use_safetensors": None if cfg.allow_pickle else True,
         "dtype": _dtype(cfg.dtype, training),
     }
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    attention, note = usable_attention(cfg.attn_implementation)
+    if note:
+        sys.stderr.write(note + "\n")
+    if attention:
+        kwargs["attn_implementation"] = attention
     _announce_remote_code(cfg, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -43,6 +43,8 @@ from tunelab.training.state import read_meta, seed_everything
 RESUME_SAFE = {
     "train.eval_every", "train.save_every", "train.keep_last", "train.log_every", "train.tensorboard",
     "train.nonfinite", "train.max_consecutive_skips", "output.dir", "model.trust_remote_code", "model.allow_pickle",
+    # the speed switches compute what the plain path does (training/speed.py, modeling/attention.py)
+    "train.fused_optimizer", "train.liger", "train.compile", "model.attn_implementation",
 }
 
 ConfigLike = RunConfig | str | Path | dict[str, Any] | None

@@ -41,6 +41,7 @@ from tunelab.training.events import Event, EventHook, Kind
 from tunelab.training.guards import NonFiniteGuard, StopSignal, agreed, is_oom, oom_error
 from tunelab.training.optim import build_optimizer, build_scheduler
 from tunelab.training.progress import Reporter
+from tunelab.training.speed import apply_switches
 from tunelab.training.state import save_run_state, save_training_state
 
 
@@ -124,8 +125,10 @@ class Loop:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()
+        optimizer = self.method.optimizer(self.cfg.method)
+        apply_switches(self.model, t, optimizer, self.reporter.say)  # liger, torch.compile (training/speed.py)
         self.model, self.opt = self.backend.prepare(
-            self.accelerator, self.model, lambda m: build_optimizer(m, t, self.method.optimizer(self.cfg.method)))
+            self.accelerator, self.model, lambda m: build_optimizer(m, t, optimizer))
         self.sched = build_scheduler(self.opt.optimizer, t, self.total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.guard = NonFiniteGuard(t.nonfinite, t.max_consecutive_skips, self.run_dir)

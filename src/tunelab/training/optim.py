@@ -13,8 +13,8 @@ from tunelab.errors import TunelabError
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, kind: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' paged AdamW (CUDA only: optimizer state pages to CPU memory under
-    pressure instead of failing) when the method asks for it."""
+    """AdamW (fused into one kernel with `train.fused_optimizer`), or bitsandbytes' paged AdamW (CUDA only:
+    optimizer state pages to CPU memory under pressure instead of failing) when the method asks for it."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -28,7 +28,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, kind: str = "adamw") -> 
 
         paged = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
         return paged[kind](groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    # fused: one kernel updates every tensor (CPU and CUDA); None lets torch choose its default (foreach)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                             fused=True if cfg.fused_optimizer else None)
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
