@@ -171,7 +171,7 @@ def test_fused_optimizer_with_a_bitsandbytes_optimizer_says_it_keeps_its_own():
 def test_liger_without_cuda_or_package_falls_back_in_one_line(monkeypatch):
     assert "CUDA" in speed.liger_missing(cuda=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert "pip install 'tunelab[gpu]'" in speed.liger_missing(cuda=True)
+    assert "pip install liger-kernel" in speed.liger_missing(cuda=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     said: list[str] = []
     model = tiny_llama()

@@ -260,7 +260,7 @@ class TrainConfig(Section):
         "bitsandbytes' paged optimizers (QLoRA's default) keep their own")
     liger: bool = Field(
         False, description="liger-kernel's Triton kernels for RMSNorm, RoPE and SwiGLU in the model (Llama, Qwen, "
-        "Mistral, Gemma, Phi-3 ...); needs CUDA and `pip install 'tunelab[gpu]'`")
+        "Mistral, Gemma, Phi-3 ...); needs CUDA and `pip install liger-kernel`")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (inductor): needs a C++ compiler on CPU, Triton on "
         "CUDA; the first steps are slower while it compiles")

@@ -44,7 +44,7 @@ def liger_missing(cuda: bool) -> str | None:
     if not cuda:
         return "needs a CUDA GPU (none here)"
     if importlib.util.find_spec("liger_kernel") is None:
-        return "needs liger-kernel (pip install 'tunelab[gpu]'), which is not installed"
+        return "needs liger-kernel (pip install liger-kernel), which is not installed"
     return None
 
 
