@@ -97,12 +97,16 @@ class BatchStream:
 
     def _next_rows(self, count: int | None = None) -> list[list[int]]:
         if self.index >= len(self._rows):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._rows = self._epoch(self.epoch)
+            self._advance()
         rows = self._rows[self.index : self.index + (count or self.batch_size)]
         self.index += len(rows)
         self.samples += sum(len(r) for r in rows)
         return rows
+
+    def _advance(self) -> None:
+        """The rows are used up: the next epoch's (a streamed run's next window, data/streamed.py)."""
+        self.epoch, self.index = self.epoch + 1, 0
+        self._rows = self._epoch(self.epoch)
 
     def next_examples(self, n: int) -> list[Example]:
         """The next `n` examples in stream order (unpacked rows), for recipes that sample from prompts (PPO)."""

@@ -23,6 +23,7 @@ every window and keeps its share of the micro-batches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def open_streamed(cfg: DataConfig, tokenizer: Any, *, mask_prompt: bool, formats
         what = "no such file" if not p.exists() else "a folder" if p.is_dir() else f"a {p.suffix or 'suffixless'} file"
         raise DataError(f"{path}: data.streaming reads a JSON Lines (.jsonl) file a window at a time; this is {what}",
                         fix="convert the data to .jsonl (one JSON object per line), or set data.streaming=false")
-    head = [r for _, _, r in _first(jsonl_from(p, path), cfg.stream_window)]
+    head = [r for _, _, r in itertools.islice(jsonl_from(p, path), cfg.stream_window)]
     fmt = resolve_format(cfg.format, head, path)
     check_format(path, fmt, formats)
     spec = FORMATS[fmt]
@@ -121,15 +122,6 @@ def open_streamed(cfg: DataConfig, tokenizer: Any, *, mask_prompt: bool, formats
     fingerprint = hashlib.sha256(f"streamed {cfg.stream_window} {key}".encode()).hexdigest()
     log(f"data: train streamed from {path} ({fmt}), {cfg.stream_window:,} records a window")
     return StreamedSource(path, fmt, cfg, ctx, fingerprint, log)
-
-
-def _first(items: Any, n: int) -> list[Any]:
-    out = []
-    for item in items:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
 
 
 class StreamedBatchStream(BatchStream):
@@ -181,12 +173,7 @@ class StreamedBatchStream(BatchStream):
         self.window, self.offset, self.line = state["window"], state["offset"], state["line"]
         self._load()
 
-    def _next_rows(self, count: int | None = None) -> list[list[int]]:
-        if self.index >= len(self._rows):  # the window is used up: the next one
-            self.window, self.index = self.window + 1, 0
-            self.offset, self.line = self._end
-            self._load()
-        rows = self._rows[self.index : self.index + (count or self.batch_size)]
-        self.index += len(rows)
-        self.samples += sum(len(r) for r in rows)
-        return rows
+    def _advance(self) -> None:  # the window is used up: the next one
+        self.window, self.index = self.window + 1, 0
+        self.offset, self.line = self._end
+        self._load()
