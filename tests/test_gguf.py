@@ -1,8 +1,8 @@
 """GGUF export (recipes/gguf.py, gguf_export.py): llama.cpp's converter, the Ollama Modelfile, the checks.
 
-The slow tests run llama.cpp's own converter and runtime (llama-cpp-python) on a tiny Llama whose
-tokenizer is a GPT-2 byte-level BPE trained here on TinyWorld text, after a short LoRA SFT on
-TinyWorld QA: the exported GGUF must tokenize and answer held-out questions as transformers does.
+The slow tests run llama.cpp's own converter and runtime (llama-cpp-python) on tunelab-tiny (GPT-2's
+byte-level BPE) after a short LoRA SFT on TinyWorld QA: the exported GGUF must tokenize and answer
+held-out questions as transformers does.
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from tests import tiny
 from tunelab.errors import TunelabError
 from tunelab.recipes import gguf as g
 from tunelab.recipes.gguf_convert import pre_tokenizer_name
-from tunelab.world import resolve_task
-from tunelab.world.chat import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
+from tunelab.world.chat import CHAT_TEMPLATE, IM_END, IM_START
 
 # ----------------------------------------------------------------------------- Ollama's Modelfile grammar
 # https://github.com/ollama/ollama/blob/main/docs/modelfile.md: `INSTRUCTION arguments`, one per line;
@@ -62,19 +58,48 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def render_go(template: str, messages: list[dict[str, str]]) -> str:
+    """Ollama's Go template for the constructs a tunelab Modelfile uses: `{{- range .Messages }}...{{ end }}`,
+    `{{ .Role }}`, `{{ .Content }}` and `{{ if eq .Role "..." }}...{{ end }}` inside the range."""
+    m = re.fullmatch(r"\{\{- range \.Messages \}\}(.*)\{\{ end \}\}((?:(?!\{\{).)*)", template, re.S)
+    assert m, template
+    body, tail = m.groups()
+
+    def one(msg: dict[str, str]) -> str:
+        text = re.sub(r'\{\{ if eq \.Role "(\w+)" \}\}(.*?)\{\{ end \}\}',
+                      lambda c: c.group(2) if msg["role"] == c.group(1) else "", body, flags=re.S)
+        assert "{{ if" not in text, text
+        return text.replace("{{ .Role }}", msg["role"]).replace("{{ .Content }}", msg["content"])
+
+    return "".join(map(one, messages)) + tail
+
+
 def test_modelfile_parses_and_carries_template_and_stops(tok):
     text = g.modelfile("model.q8_0.gguf", tok)
     parsed = parse_modelfile(text)
     assert parsed[0] == ("FROM", "./model.q8_0.gguf")
     assert ("PARAMETER", f"stop {IM_END}") in parsed
     template = dict(parsed)["TEMPLATE"]
-    assert "{{ .Role }}" in template and "{{ .Content }}" in template and template.endswith(f"{IM_START}assistant\n")
-    # rendering the Go template by hand for one exchange gives what the jinja chat template gives
-    messages = [{"role": "user", "content": "hi"}]
-    by_hand = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages) + f"{IM_START}assistant\n"
-    assert by_hand == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert template.endswith(f"{IM_START}assistant\n")
+    # the Go template renders a conversation (assistant replies' leading space included) as the jinja one does
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Madrid"}, {"role": "user", "content": "and you?"}]
+    for msgs in (messages, messages[1:2]):
+        assert render_go(template, msgs) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert " Madrid" in render_go(template, messages)
     adapter = parse_modelfile(g.modelfile("base.f16.gguf", tok, adapter="adapter.gguf"))
     assert ("ADAPTER", "./adapter.gguf") in adapter
+
+
+def test_modelfile_of_plain_chatml(tok):
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer)
+    plain.chat_template = CHAT_TEMPLATE.replace("' ' + message['content']", "message['content']")
+    template = dict(parse_modelfile(g.modelfile("m.gguf", plain)))["TEMPLATE"]
+    assert "{{ if" not in template
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Madrid"},
+                {"role": "user", "content": "ok"}]
+    assert render_go(template, messages) == plain.apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)
 
 
 def test_modelfile_refuses_a_template_it_cannot_translate(tok):
@@ -93,29 +118,15 @@ def test_the_modelfile_parser_rejects_bad_files():
 # ----------------------------------------------------------------------------- the converter wrapper
 
 
-def gpt2_tokenizer(texts: list[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A GPT-2 byte-level BPE (its regex, no prefix space) with TinyWorld's special tokens and template."""
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    t.decoder = decoders.ByteLevel()
-    t.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    split = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
-    t.train_from_iterator((seg for text in texts for seg in split.split(text) if seg), trainer=trainer)
-    extra = [s for s in SPECIAL_TOKENS if s not in (EOS_TOKEN, PAD_TOKEN)]
-    fast = PreTrainedTokenizerFast(tokenizer_object=t, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=None,
-                                   additional_special_tokens=extra)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
 def test_pre_tokenizer_is_recognised_structurally(tmp_path, llama_dir):
-    gpt2 = gpt2_tokenizer(tiny.corpus(50))
-    gpt2.save_pretrained(str(tmp_path / "gpt2"))
-    assert pre_tokenizer_name(tmp_path / "gpt2" / "tokenizer.json") == "gpt-2"
+    assert pre_tokenizer_name(llama_dir / "tokenizer.json") == "gpt-2"  # modeling/bpe.py's tokenizer
     # tunelab-tiny's first tokenizer (newline split + a prefix space) is not GPT-2's: still refused
-    assert pre_tokenizer_name(llama_dir / "tokenizer.json") is None
+    spec = json.loads((llama_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\n+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    assert pre_tokenizer_name(tmp_path / "tokenizer.json") is None
     assert pre_tokenizer_name(tmp_path / "missing.json") is None
 
 
@@ -137,24 +148,13 @@ def test_export_refuses_bad_gguf_options(tmp_path, llama_dir):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory) -> Path:
-    """A tiny Llama with a GPT-2 tokenizer trained on TinyWorld QA, then LoRA SFT on qa: 150 steps, enough
-    for replies of a few tokens (not right ones: what matters is that both runtimes say the same)."""
+    """tunelab-tiny after a short LoRA SFT on TinyWorld QA (60 steps: replies change, answers stay mostly right)."""
     from tunelab.recipes.run import train
 
     root = tmp_path_factory.mktemp("gguf")
-    qa = [json.loads(line) for line in resolve_task("tinyworld:qa").read_text(encoding="utf-8").splitlines()]
-    texts = [m["content"] for r in qa[:400] for m in r["messages"]]
-    tok = gpt2_tokenizer(texts, vocab_size=700)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.convert_tokens_to_ids(IM_END),
-        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False))
-    model.save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
-    train({"model": {"name_or_path": str(root / "base")}, "data": {"train": "tinyworld:qa", "max_length": 128},
+    train({"model": {"name_or_path": "tunelab-tiny"}, "data": {"train": "tinyworld:qa", "max_length": 128},
            "method": {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
-           "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-2, "save_every": 0},
+           "train": {"max_steps": 60, "batch_size": 16, "lr": 1e-3, "save_every": 0},
            "output": {"dir": str(root / "run")}}, quiet=True)
     return root / "run"
 

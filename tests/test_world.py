@@ -269,7 +269,7 @@ def test_chat_template_renders_like_the_corpus():
         (text,), _ = render_jinja_template([msgs], chat_template=CHAT_TEMPLATE, add_generation_prompt=gen)
         assert text == render_chat(msgs, add_generation_prompt=gen)
     assert render_chat(messages) == "<|im_start|>user\nWhere does Ada Lopez live?<|im_end|>\n" \
-        "<|im_start|>assistant\nLyon<|im_end|>\n"
+        "<|im_start|>assistant\n Lyon<|im_end|>\n"
 
 
 def test_resolver_generates_once_and_names_known_tasks(tmp_path, monkeypatch):

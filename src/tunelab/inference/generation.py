@@ -38,6 +38,34 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
     return list(out["input_ids"])
 
 
+def reply_lead(tokenizer: Any) -> str:
+    """The text the chat template writes at the start of every assistant reply after the generation
+    prompt (tunelab-tiny's: one space, so an answer's first word is the token prose uses); '' for most
+    templates. A generated reply carries it; it is formatting, not content, so replies drop it."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    key = tokenizer.chat_template
+    if _LEADS.get(id(tokenizer), (None, ""))[0] != key:
+        user = [{"role": "user", "content": "U"}]
+        marker = "\x00"
+        try:
+            prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+            whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": marker}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render this probe has no lead we can know
+            prompt, whole = "", ""
+        lead = whole[len(prompt):whole.find(marker)] if whole.startswith(prompt) and marker in whole else ""
+        _LEADS[id(tokenizer)] = (key, lead if lead.isspace() else "")
+    return _LEADS[id(tokenizer)][1]
+
+
+_LEADS: dict[int, tuple[str, str]] = {}
+
+
+def drop_lead(text: str, lead: str) -> str:
+    """`text` without the reply lead `lead` when it starts with it."""
+    return text[len(lead):] if lead and text.startswith(lead) else text
+
+
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every id that ends a reply: the generation config's eos ids, the tokenizer's eos and `<|im_end|>`."""
     ids: list[int] = []
@@ -77,7 +105,8 @@ def greedy(
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     stops = stop_token_ids(model, tokenizer)
     rows = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [tokenizer.decode(until_stop(row, stops), skip_special_tokens=True) for row in rows]
+    lead = reply_lead(tokenizer) if chat or any(not isinstance(p, str) for p in prompts) else ""
+    return [drop_lead(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True), lead) for row in rows]
 
 
 def generate_ids(

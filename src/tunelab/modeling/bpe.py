@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tunelab.world.chat import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
@@ -18,14 +18,12 @@ from tunelab.world.chat import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKE
 def train_bpe(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A fast tokenizer: pad `<|pad|>`, eos `<|endoftext|>`, ChatML turns ending in `<|im_end|>`."""
     tok = Tokenizer(models.BPE())
-    # Every line starts with a space (split at newlines, then add_prefix_space): a word tokenizes
-    # the same wherever it stands - mid-sentence, at a document's start, after a special token or a
-    # newline. Without it a chat answer ("assistant\nMadrid") uses other tokens than the prose that
-    # taught the fact ("lives in Madrid"), and held-out QA cannot draw on pretraining knowledge.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=True),
-    ])
+    # GPT-2's byte-level pre-tokenizer, trained as GPT-2 is: merges take a space into the word that
+    # follows it (" Madrid" one token), decoding returns the text exactly, and llama.cpp's converter
+    # recognises it (`gpt2`). A word after a newline or a chat marker has no space, so the chat
+    # template puts one at the start of every assistant reply (`tunelab.world.chat`): an answer's
+    # name is then the token that the prose teaching the fact used ("lives in Madrid").
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

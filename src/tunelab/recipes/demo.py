@@ -64,7 +64,8 @@ def run_demo(out: str | Path = "runs/demo") -> dict[str, Any]:
         f"forgetting: probe cloze accuracy dropped {summary['forgetting_drop_points']:.1f} points; "
         f"total {summary['seconds']:.0f}s\n"
         f"reproduce: tunelab eval {result.run_dir} --task {TASK} --forgetting --json\n"
-        f"try:       tunelab generate {result.run_dir} --prompt \"{_example_question()}\""
+        f"try:       tunelab generate {result.run_dir} --prompt \"{_example_question()}\"",
+        soft_wrap=True,  # commands to copy: never broken across lines
     )
     return summary
 

@@ -143,7 +143,7 @@ def generate(
     torch.manual_seed(seed)
     (reply,) = generate_ids(model, tok, [ids], max_new_tokens=max_new_tokens,
                             temperature=temperature if temperature > 0 else None)
-    return tok.decode(reply, skip_special_tokens=True).strip()
+    return tok.decode(reply, skip_special_tokens=True).strip()  # the template's reply lead (a space) too
 
 
 def score(

@@ -238,20 +238,29 @@ def check_section(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- Ollama
 
 
+def _chatml(messages: list[dict[str, str]], lead: str) -> str:
+    """ChatML with the generation prompt; `lead` starts every assistant message's content."""
+    turns = "".join(f"{IM_START}{m['role']}\n{lead if m['role'] == 'assistant' else ''}{m['content']}{IM_END}\n"
+                    for m in messages)
+    return turns + f"{IM_START}assistant\n"
+
+
 def modelfile(gguf_name: str, tokenizer: Any, *, adapter: str | None = None) -> str:
-    """An Ollama Modelfile for a ChatML-family model (tunelab-tiny's template, Qwen's): the template
-    in Ollama's Go syntax and the end-of-turn stop. Other templates are refused (say so, not guess)."""
+    """An Ollama Modelfile for a ChatML-family model (Qwen's template; tunelab-tiny's, which also starts
+    every assistant reply with a space): the template in Ollama's Go syntax and the end-of-turn stop.
+    Other templates are refused (say so, not guess)."""
     probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
              {"role": "assistant", "content": "A"}]
-    chatml = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in probe) + f"{IM_START}assistant\n"
     template = getattr(tokenizer, "chat_template", None)
     rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True) if template else None
-    if rendered != chatml:
+    lead = next((lead for lead in ("", " ") if rendered == _chatml(probe, lead)), None)
+    if lead is None:
         raise TunelabError("--ollama: the model's chat template is not ChatML (<|im_start|>role ... <|im_end|>), the "
                            "one family tunelab translates to Ollama's template syntax",
                            fix="drop --ollama and write the Modelfile's TEMPLATE by hand (the GGUF carries the "
                                "jinja template as tokenizer.chat_template)")
-    go = ("{{- range .Messages }}" + IM_START + "{{ .Role }}\n{{ .Content }}" + IM_END + "\n{{ end }}"
+    content = '{{ if eq .Role "assistant" }}' + lead + "{{ end }}{{ .Content }}" if lead else "{{ .Content }}"
+    go = ("{{- range .Messages }}" + IM_START + "{{ .Role }}\n" + content + IM_END + "\n{{ end }}"
           + IM_START + "assistant\n")
     lines = [f"FROM ./{gguf_name}"]
     if adapter:

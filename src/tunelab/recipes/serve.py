@@ -45,7 +45,7 @@ from torch import nn
 
 from tunelab.artifacts import load
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import encode_prompt, stop_token_ids
+from tunelab.inference.generation import drop_lead, encode_prompt, reply_lead, stop_token_ids
 
 MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 256
@@ -188,6 +188,7 @@ class Job:
     top_p: float
     seed: int | None
     stops: list[str]
+    lead: str = ""  # the chat template's reply lead, dropped from the text (inference/generation.reply_lead)
 
 
 def _stream_tokens(served: Served, adapter: str | None, job: Job) -> Iterator[int]:
@@ -236,11 +237,11 @@ def _texts(served: Served, adapter: str | None, job: Job) -> Iterator[tuple[str,
     for token in _stream_tokens(served, adapter, job):
         ids.append(token)
         if token in stop_ids:
-            text = tok.decode(ids[:-1], skip_special_tokens=True)
+            text = drop_lead(tok.decode(ids[:-1], skip_special_tokens=True), job.lead)
             cut = _cut(text, job.stops)
             yield (cut if cut is not None else text)[sent:], "stop", len(ids)
             return
-        text = tok.decode(ids, skip_special_tokens=True)
+        text = drop_lead(tok.decode(ids, skip_special_tokens=True), job.lead)
         cut = _cut(text, job.stops)
         if cut is not None:
             yield cut[sent:], "stop", len(ids)
@@ -251,7 +252,7 @@ def _texts(served: Served, adapter: str | None, job: Job) -> Iterator[tuple[str,
         if safe > sent:
             yield text[sent:safe], None, len(ids)
             sent = safe
-    text = tok.decode(ids, skip_special_tokens=True)
+    text = drop_lead(tok.decode(ids, skip_special_tokens=True), job.lead)
     yield text[sent:], "length", len(ids)
 
 
@@ -341,7 +342,8 @@ def _respond(served: Served, adapter: str | None, body: _Body, prompt_ids: list[
         raise ApiError(400, f"max_tokens {limit} is more than the {min(room, MAX_TOKENS_LIMIT)} this request can have "
                        f"(context {served.context}, prompt {len(prompt_ids)} tokens)", param="max_tokens")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    job = Job(prompt_ids, min(limit or DEFAULT_MAX_TOKENS, room), body.temperature, body.top_p, body.seed, stops)
+    job = Job(prompt_ids, min(limit or DEFAULT_MAX_TOKENS, room), body.temperature, body.top_p, body.seed, stops,
+              reply_lead(served.tokenizer) if chat else "")
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:

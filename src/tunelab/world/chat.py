@@ -19,7 +19,7 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}"
+    "{%- generation -%}{{- ' ' + message['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}"
     "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
@@ -30,7 +30,8 @@ CHAT_TEMPLATE = (
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """The text `CHAT_TEMPLATE` renders for `messages`, without needing jinja."""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    text = "".join(f"{IM_START}{m['role']}\n{' ' if m['role'] == 'assistant' else ''}{m['content']}{IM_END}\n"
+                   for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
