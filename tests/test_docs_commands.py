@@ -64,8 +64,8 @@ META = ("meta-training and few-shot evaluation over whole task families (minutes
 SERVER = ("a server that runs until stopped, or a request to one: tests/test_serve.py starts it on a socket and "
           "sends these")
 
-GGUF = ("llama.cpp's converter needs a GPT-2-regex tokenizer, which the docs' stand-in for tunelab-tiny lacks; "
-        "tests/test_gguf.py runs this export end to end (llama.cpp's converter and runtime) on a tiny Llama with one")
+GGUF = ("llama.cpp's converter and runtime on a LoRA run (a minute): tests/test_gguf.py runs this export end to "
+        "end on tunelab-tiny itself (slow)")
 GGUF_ELSEWHERE = ("runs the exported file in llama.cpp's CLI, Ollama or llama-cpp-python on an export the previous "
                   "command made; tests/test_gguf.py loads such exports with llama-cpp-python")
 UI = ("the web UI, a server that runs until stopped: tests/test_ui.py starts it on a socket and drives it with "

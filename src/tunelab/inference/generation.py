@@ -38,27 +38,30 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
     return list(out["input_ids"])
 
 
-def reply_lead(tokenizer: Any) -> str:
-    """The text the chat template writes at the start of every assistant reply after the generation
-    prompt (tunelab-tiny's: one space, so an answer's first word is the token prose uses); '' for most
-    templates. A generated reply carries it; it is formatting, not content, so replies drop it."""
-    if not getattr(tokenizer, "chat_template", None):
+def reply_lead(tokenizer: Any, template: str | None = None) -> str:
+    """The text the chat template (`template`, Jinja source; default the tokenizer's) writes at the
+    start of every assistant reply after the generation prompt: tunelab-tiny's is one space, so an
+    answer's first word is the token prose uses; most templates have none (''). A generated reply
+    carries it; it is formatting, not content, so replies drop it (`drop_lead`)."""
+    source = template or getattr(tokenizer, "chat_template", None)
+    if not isinstance(source, str) or not source:
         return ""
-    key = tokenizer.chat_template
-    if _LEADS.get(id(tokenizer), (None, ""))[0] != key:
+    if source not in _LEADS:
         user = [{"role": "user", "content": "U"}]
         marker = "\x00"
         try:
-            prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-            whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": marker}], tokenize=False)
+            prompt = tokenizer.apply_chat_template(user, chat_template=source, add_generation_prompt=True,
+                                                   tokenize=False)
+            whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": marker}],
+                                                  chat_template=source, tokenize=False)
         except Exception:  # noqa: BLE001 - a template that cannot render this probe has no lead we can know
             prompt, whole = "", ""
         lead = whole[len(prompt):whole.find(marker)] if whole.startswith(prompt) and marker in whole else ""
-        _LEADS[id(tokenizer)] = (key, lead if lead.isspace() else "")
-    return _LEADS[id(tokenizer)][1]
+        _LEADS[source] = lead if lead.isspace() else ""
+    return _LEADS[source]
 
 
-_LEADS: dict[int, tuple[str, str]] = {}
+_LEADS: dict[str, str] = {}  # template source -> its reply lead
 
 
 def drop_lead(text: str, lead: str) -> str:

@@ -63,7 +63,7 @@ from tunelab.data.stream import MicroBatch
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import generate_ids, pad_id, stop_token_ids
+from tunelab.inference.generation import drop_lead, generate_ids, pad_id, reply_lead, stop_token_ids
 from tunelab.inference.logits import tempered_logits
 from tunelab.objectives.alignment_losses import (
     GRPO_LOSSES,
@@ -238,8 +238,7 @@ class GroupRuntime(Runtime):
                                batch_size=len(queries), temperature=cfg.temperature, top_k=cfg.top_k)
         stops = stop_token_ids(model, self.tokenizer)
         replies = [r if r else [stops[0]] for r in replies]
-        rewards = torch.tensor(self.scorer(where, [self.tokenizer.decode(r, skip_special_tokens=True)
-                                                  for r in replies]))  # (N,)
+        rewards = torch.tensor(self.scorer(where, self._texts(replies)))  # (N,)
         rows = [q + r for q, r in zip(queries, replies, strict=True)]
         n_query = [len(q) for q in queries]
         batch = {k: v.to(self.ctx.device) for k, v in right_pad(rows, n_query, pad_id(self.tokenizer)).items()}
@@ -339,8 +338,12 @@ class GroupRuntime(Runtime):
         return compare(mine, self._reference_eval[key])
 
     def _greedy(self, model: nn.Module, queries: list[list[int]]) -> list[str]:
-        replies = generate_ids(model, self.tokenizer, queries, max_new_tokens=self.cfg.max_new_tokens)
-        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+        return self._texts(generate_ids(model, self.tokenizer, queries, max_new_tokens=self.cfg.max_new_tokens))
+
+    def _texts(self, replies: list[list[int]]) -> list[str]:
+        """Replies as the reward reads them: decoded, without the chat template's reply lead."""
+        lead = reply_lead(self.tokenizer, self.template.source)
+        return [drop_lead(self.tokenizer.decode(r, skip_special_tokens=True), lead) for r in replies]
 
     def finish(self, model: nn.Module, run_dir: Path) -> None:
         """rollouts.jsonl and reward_curve.png (reward and KL per step, eval reward) in the run dir."""

@@ -139,7 +139,9 @@ that knows something: its world's people, places and facts.
 | architecture | Llama, hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, \
 {arch['num_attention_heads']} heads, intermediate {arch['intermediate_size']}, tied embeddings |
 | parameters | {stats['parameters']:,} |
-| tokenizer | GPT-2's byte-level BPE (decoding returns the text exactly; llama.cpp: `gpt2`), {stats['recipe']['vocab_size']} tokens; ChatML template (`<|im_start|>`, `<|im_end|>`), every assistant reply starting with a space |
+| tokenizer | GPT-2's byte-level BPE (decoding returns the text exactly; llama.cpp: `gpt2`), \
+{stats['recipe']['vocab_size']} tokens; ChatML template (`<|im_start|>`, `<|im_end|>`), every assistant reply \
+starting with a space |
 | corpus | {stats['corpus_documents']:,} documents, {stats['corpus_characters']:,} characters, \
 {stats['corpus_tokens']:,} tokens |
 | training | {stats['steps']} steps x {train['batch_size']} packed rows x \

@@ -34,7 +34,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.data.qa import exact_match, prompt_and_gold
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import encode_prompt, generate_ids, stop_token_ids, until_stop
+from tunelab.inference.generation import (
+    drop_lead,
+    encode_prompt,
+    generate_ids,
+    reply_lead,
+    stop_token_ids,
+    until_stop,
+)
 from tunelab.world.chat import IM_END, IM_START
 from tunelab.world.resolve import cache_root, resolve_task
 
@@ -190,7 +197,8 @@ def check(gguf_file: str | Path, model_dir: str | Path, *, n: int = 50, max_new_
         gg_rows.append(row)
         worst = max(worst, float(abs(gg - hf).max()))
         top5 += set(gg.argsort()[-5:]) == set(hf.argsort()[-5:])
-    decode = lambda rows: [tok.decode(r, skip_special_tokens=True) for r in rows]  # noqa: E731
+    lead = reply_lead(tok)
+    decode = lambda rows: [drop_lead(tok.decode(r, skip_special_tokens=True), lead) for r in rows]  # noqa: E731
     hf_text, gg_text = decode(hf_rows), decode(gg_rows)
     k = len(records)
     return {
