@@ -24,7 +24,7 @@ from tunelab.data.stream import BatchStream
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import IGNORE
 from tunelab.errors import ConfigError, DataError, TunelabError
-from tunelab.inference.generation import greedy
+from tunelab.inference.generation import drop_lead, greedy, reply_lead
 from tunelab.inference.reward import rewards_of
 from tunelab.methods import METHODS
 from tunelab.methods.heads import HeadConfig
@@ -390,7 +390,7 @@ def test_a_rollout_samples_each_prompt_g_times_and_scores_them_in_groups(llama_d
         for r, ids in enumerate(replies_of(mb)):
             assert 1 <= len(ids) <= 6 and (len(ids) == 6 or ids[-1] == im_end)
             assert t["input_ids"][r, : len(query)].tolist() == query or mb.where[r] != where[0]
-            text = tok.decode(ids, skip_special_tokens=True)
+            text = drop_lead(tok.decode(ids, skip_special_tokens=True), reply_lead(tok))  # as rewards read it
             rewards.setdefault(mb.where[r], []).append(len(text) / 10)
             advantages.setdefault(mb.where[r], []).append(float(t["advantages"][r]))
         # the sampling policy's log-probs, and the reference's: the LoRA policy at init is its reference
@@ -462,7 +462,7 @@ def test_each_on_policy_step_raises_the_probability_of_the_one_rewarded_reply(ll
     reward is pi(amber | prompt) * pi(<|im_end|> | prompt, amber), computed exactly here (not sampled). One
     rollout = one minibatch = one on-policy Adam step, as the loop takes it: every step must raise it. A
     wrong sign, an advantage given to another group's reply or log-probs one position off do not."""
-    (amber,) = tok("amber", add_special_tokens=False)["input_ids"]
+    (amber,) = tok(" amber", add_special_tokens=False)["input_ids"]  # a reply starts with the template's space
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     boost = torch.zeros(len(tok))
     boost[[amber, im_end]] = STOP_BOOST  # the random model samples "amber<|im_end|>" in ~2% of replies

@@ -20,7 +20,7 @@ from tunelab.data.pipeline import load_tokenized
 from tunelab.data.stream import BatchStream
 from tunelab.data.types import IGNORE
 from tunelab.errors import ConfigError, DataError, TunelabError
-from tunelab.inference.generation import greedy
+from tunelab.inference.generation import drop_lead, greedy, reply_lead
 from tunelab.inference.reward import rewards_of
 from tunelab.methods import METHODS
 from tunelab.methods.heads import HeadConfig
@@ -164,7 +164,7 @@ def test_rollout_at_init_has_zero_kl_and_the_score_at_the_last_reply_token(llama
             first_reply = int(t["attention_mask"][r].sum()) - n  # reply follows the prompt, then padding
             assert t["input_ids"][r, first_reply:first_reply + n].tolist() == ids
             assert bool(mask[r, first_reply - 1]) and not bool(mask[r, :first_reply - 1].any())
-        texts = [tok.decode(ids, skip_special_tokens=True) for ids in replies]
+        texts = [drop_lead(tok.decode(ids, skip_special_tokens=True), reply_lead(tok)) for ids in replies]
         score = torch.tensor(rewards_of(rm, rm_tok, [(prompts[w], x) for w, x in zip(mb.where, texts, strict=True)]))
         # rewards: 0 per token (no KL at init, kl_coef 0), the score at the last reply token; values 0
         rewards = torch.zeros_like(t["returns"])
@@ -255,7 +255,7 @@ def test_rollout_of_a_moved_policy_penalises_kl_and_adds_values(llama_dir, tok, 
         kl = (logp - ref_logp) * mask  # k1
         assert float(kl.abs().sum()) > 1e-3, "the moved adapter should change the log-probs"
         replies = [reply_ids(mb, r) for r in range(len(mb.where))]
-        texts = [tok.decode(ids, skip_special_tokens=True) for ids in replies]
+        texts = [drop_lead(tok.decode(ids, skip_special_tokens=True), reply_lead(tok)) for ids in replies]
         score = torch.tensor(rewards_of(rm, rm_tok, [(prompts[w], x) for w, x in zip(mb.where, texts, strict=True)]))
         score = score + torch.tensor([0.0 if ids[-1] in stops else penalty for ids in replies])
         rewards = -kl_coef * kl
