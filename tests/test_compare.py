@@ -18,7 +18,7 @@ import yaml
 
 from tests import tiny
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.recipes.compare import _only, compare
+from tunelab.recipes.compare import _only, cell_env, compare
 from tunelab.recipes.compare.spec import load_spec, nest
 from tunelab.recipes.compare.stats import paired, pareto, summarize
 
@@ -190,3 +190,11 @@ def test_a_report_names_its_spec_without_machine_paths(tmp_path, monkeypatch):
     (tmp_path / "specs").mkdir()
     assert _shown(tmp_path / "specs" / "mine.yaml") == "specs/mine.yaml"
     assert _shown(Path("/elsewhere/spec.yaml")) == "/elsewhere/spec.yaml"  # outside: as the user named it
+
+
+def test_cells_share_the_cores_among_workers_unless_the_user_chose():
+    assert cell_env(2, {"PATH": "/bin"}, cores=2) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert cell_env(1, {}, cores=16)["OMP_NUM_THREADS"] == "16"
+    assert cell_env(3, {}, cores=16)["OMP_NUM_THREADS"] == "5"
+    assert cell_env(8, {}, cores=2)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert cell_env(2, {"OMP_NUM_THREADS": "4"}, cores=2)["OMP_NUM_THREADS"] == "4"  # the user's choice stays

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -112,7 +113,8 @@ def _run(store: Store, by_key: dict[str, Cell], out: Path, workers: int, say: Ca
         say(f"compare: {len(back)} cell(s) of a stopped worker go back to the queue: {', '.join(back)}")
     stop = threading.Event()
     progress = _Progress(store, workers, say)
-    threads = [threading.Thread(target=_worker, args=(store, by_key, out, stop, progress), daemon=True)
+    env = cell_env(workers)
+    threads = [threading.Thread(target=_worker, args=(store, by_key, out, stop, progress, env), daemon=True)
                for _ in range(workers)]
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -174,13 +176,25 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _worker(store: Store, by_key: dict[str, Cell], out: Path, stop: threading.Event, progress: _Progress) -> None:
+def cell_env(workers: int, environ: dict[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
+    """The environment of a cell's process: the machine's cores shared among the workers (each cell's torch
+    gets cores // workers threads, at least 1), unless the user set OMP_NUM_THREADS. Two cells of two
+    threads each on two cores spin against each other (bench/nonparametric.py's full fine-tuning cell:
+    435 s so, ~48 s with one thread per cell)."""
+    env = dict(os.environ if environ is None else environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (cores or os.cpu_count() or 1) // max(1, workers)))
+    return env
+
+
+def _worker(store: Store, by_key: dict[str, Cell], out: Path, stop: threading.Event, progress: _Progress,
+            env: dict[str, str] | None = None) -> None:
     order = list(by_key)
     while not stop.is_set():
         key = store.claim(order)
         if key is None:
             return
-        result = _run_cell(store, by_key[key], out, stop)
+        result = _run_cell(store, by_key[key], out, stop, env)
         if stop.is_set() and result.get("status") != "done":
             store.finish(key, PENDING, None)  # stopped by the user, not failed: it reruns on resume
             return
@@ -188,7 +202,8 @@ def _worker(store: Store, by_key: dict[str, Cell], out: Path, stop: threading.Ev
         progress.done(key, result)
 
 
-def _run_cell(store: Store, cell: Cell, out: Path, stop: threading.Event) -> dict[str, Any]:
+def _run_cell(store: Store, cell: Cell, out: Path, stop: threading.Event,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     folder = out / "cells" / cell.key
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(cell.config))
@@ -198,7 +213,7 @@ def _run_cell(store: Store, cell: Cell, out: Path, stop: threading.Event) -> dic
     result_file.unlink(missing_ok=True)
     with open(folder / "log.txt", "w", encoding="utf-8") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tunelab.recipes.compare.cell", str(job), str(result_file)],
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=env)
         while proc.poll() is None:
             if stop.wait(HEARTBEAT_S):
                 with contextlib.suppress(ProcessLookupError):
