@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 # method id -> (config file, held-out task, metric)
 QA = ("tinyworld:qa@test", "exact_match")
@@ -65,10 +67,27 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
     return proc, wall, (peaks[-1] * 1024 if peaks else 0)
 
 
+# Method keys that are step numbers inside the run: scaled with the bench's --steps, so that a schedule
+# written for the config's max_steps keeps its shape (LT-SFT's dense phase, diff pruning's projection,
+# AdaLoRA's budget schedule) instead of falling outside a shorter run.
+STEP_KEYS = ("phase1_steps", "project_at_step", "tinit", "tfinal", "total_step")
+
+
+def scaled_schedule(cfg: str, steps: int) -> list[str]:
+    """`method.KEY=N` overrides of the config's step-numbered method keys, scaled to `steps`."""
+    config = yaml.safe_load((ROOT / "configs" / cfg).read_text(encoding="utf-8"))
+    own = config.get("train", {}).get("max_steps")
+    method = config.get("method", {})
+    if not own or own == steps:
+        return []
+    return [f"method.{k}={max(1, round(method[k] * steps / own))}" for k in STEP_KEYS if isinstance(method.get(k), int)]
+
+
 def measure(name: str, cfg: str, task: tuple[str, str], steps: int, runs: Path, eval_every: int) -> dict:
     run_dir = runs / name.split(" ")[0]
     select = [f"train.eval_every={eval_every}", "train.select_best=true"] if eval_every else []
     train, wall, peak = run(["train", str(ROOT / "configs" / cfg), f"train.max_steps={steps}", *select,
+                             *scaled_schedule(cfg, steps),
                              f"output.dir={run_dir}", "--overwrite", "-q"])
     if train.returncode != 0:
         return {"method": name, "error": train.stderr.strip().splitlines()[-1:]}
