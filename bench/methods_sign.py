@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from math import comb
 from pathlib import Path
 
 from tunelab.artifacts import load
 from tunelab.data.qa import exact_match, prompt_and_gold
 from tunelab.inference.generation import greedy
+from tunelab.recipes.compare.stats import sign_test
 from tunelab.world.resolve import resolve_task
 
 TASK = "tinyworld:qa@test"
-
-
-def sign_p(fixed: int, broken: int) -> float:
-    n, k = fixed + broken, min(fixed, broken)
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def main() -> None:
@@ -51,7 +46,7 @@ def main() -> None:
         mine = right(str(runs / m / "final"))
         fixed = sum(x and not b for x, b in zip(mine, base, strict=True))
         broken = sum(b and not x for x, b in zip(mine, base, strict=True))
-        row = {"score": sum(mine) / len(mine), "fixed": fixed, "broken": broken, "p": sign_p(fixed, broken)}
+        row = {"score": sum(mine) / len(mine), "fixed": fixed, "broken": broken, "p": sign_test(fixed, fixed + broken)}
         out["methods"][m] = row
         print(f"{m:20s} {row['score']:.3f}  fixed {fixed:3d}  broken {broken:3d}  p {row['p']:.3g}", flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

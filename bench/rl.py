@@ -64,6 +64,7 @@ from tunelab.inference.generation import (  # noqa: E402
 from tunelab.objectives import OBJECTIVES  # noqa: E402
 from tunelab.objectives.grpo import exact_match as em_reward  # noqa: E402
 from tunelab.objectives.grpo import read_tasks  # noqa: E402
+from tunelab.recipes.compare.stats import sign_test  # noqa: E402
 from tunelab.world.prefs import score_response  # noqa: E402
 from tunelab.world.resolve import resolve_task  # noqa: E402
 
@@ -200,12 +201,6 @@ def seen_split(run: Path, start: Path) -> dict:
         out.setdefault("flips", {})[part] = {"gained": sum(rl[q] > before[q] for q in qs),
                                              "lost": sum(rl[q] < before[q] for q in qs)}
     return out
-
-
-def sign_test(k: int, n: int) -> float:
-    """Two-sided exact binomial p of k successes in n at p = 1/2."""
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
-    return min(1.0, 2 * tail) if n else 1.0
 
 
 def head_to_head(a: Path, b: Path) -> dict:

@@ -20,7 +20,7 @@ from tests import tiny
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.recipes.compare import _only, cell_env, compare
 from tunelab.recipes.compare.spec import load_spec, nest
-from tunelab.recipes.compare.stats import paired, pareto, summarize
+from tunelab.recipes.compare.stats import paired, pareto, sign_test, summarize
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,12 @@ def test_cells_share_the_cores_among_workers_unless_the_user_chose():
     assert cell_env(3, {}, cores=16)["OMP_NUM_THREADS"] == "5"
     assert cell_env(8, {}, cores=2)["OMP_NUM_THREADS"] == "1"  # never 0
     assert cell_env(2, {"OMP_NUM_THREADS": "4"}, cores=2)["OMP_NUM_THREADS"] == "4"  # the user's choice stays
+
+
+def test_sign_test_is_the_two_sided_binomial_sum():
+    def naive(k: int, n: int) -> float:  # 2 x the smaller tail of Binomial(n, 1/2), at most 1
+        return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n)
+
+    for k, n in [(10, 11), (1, 11), (8, 9), (10, 30), (3, 6), (0, 5), (60, 67)]:
+        assert sign_test(k, n) == pytest.approx(naive(k, n), rel=1e-9)
+    assert sign_test(0, 0) == 1.0  # no question where the two differ: no evidence

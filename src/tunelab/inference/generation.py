@@ -69,6 +69,11 @@ def drop_lead(text: str, lead: str) -> str:
     return text[len(lead):] if lead and text.startswith(lead) else text
 
 
+def reply_text(tokenizer: Any, ids: Sequence[int], lead: str = "") -> str:
+    """A reply's text: its ids decoded without special tokens, the chat template's reply lead dropped."""
+    return drop_lead(tokenizer.decode(ids, skip_special_tokens=True), lead)
+
+
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every id that ends a reply: the generation config's eos ids, the tokenizer's eos and `<|im_end|>`."""
     ids: list[int] = []
@@ -108,8 +113,9 @@ def greedy(
     encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
     stops = stop_token_ids(model, tokenizer)
     rows = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    lead = reply_lead(tokenizer) if chat or any(not isinstance(p, str) for p in prompts) else ""
-    return [drop_lead(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True), lead) for row in rows]
+    lead = reply_lead(tokenizer)  # only chat prompts (message lists, or strings when `chat`) end in a reply header
+    return [reply_text(tokenizer, until_stop(row, stops), lead if chat or not isinstance(p, str) else "")
+            for p, row in zip(prompts, rows, strict=True)]
 
 
 def generate_ids(

@@ -63,7 +63,7 @@ from tunelab.data.stream import MicroBatch
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import drop_lead, generate_ids, pad_id, reply_lead, stop_token_ids
+from tunelab.inference.generation import generate_ids, pad_id, reply_lead, reply_text, stop_token_ids
 from tunelab.inference.logits import tempered_logits
 from tunelab.objectives.alignment_losses import (
     GRPO_LOSSES,
@@ -178,6 +178,7 @@ class GroupRuntime(Runtime):
         self.scorer = Scorer.of_run(ctx)  # the records checked before any training
         self.records = self.scorer.records
         self.template = resolve_template(ctx.cfg.data.chat_template, ctx.tokenizer)
+        self.lead = reply_lead(ctx.tokenizer, self.template.source)  # not part of a reply's text
         free = isinstance(unwrap(ctx.model), PeftModel)  # the adapter-disabled policy costs no memory
         self.reference = (Reference(ctx.model, cfg.reference, ctx.device, ctx.tokenizer)
                           if cfg.beta > 0 or cfg.reference is not None or free else None)
@@ -342,8 +343,7 @@ class GroupRuntime(Runtime):
 
     def _texts(self, replies: list[list[int]]) -> list[str]:
         """Replies as the reward reads them: decoded, without the chat template's reply lead."""
-        lead = reply_lead(self.tokenizer, self.template.source)
-        return [drop_lead(self.tokenizer.decode(r, skip_special_tokens=True), lead) for r in replies]
+        return [reply_text(self.tokenizer, r, self.lead) for r in replies]
 
     def finish(self, model: nn.Module, run_dir: Path) -> None:
         """rollouts.jsonl and reward_curve.png (reward and KL per step, eval reward) in the run dir."""

@@ -51,7 +51,7 @@ from tunelab.data.stream import MicroBatch
 from tunelab.data.templates import resolve_template
 from tunelab.data.types import IGNORE, Example
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import drop_lead, generate_ids, greedy, pad_id, reply_lead, stop_token_ids
+from tunelab.inference.generation import generate_ids, greedy, pad_id, reply_lead, reply_text, stop_token_ids
 from tunelab.inference.logits import tempered, tempered_logits
 from tunelab.modeling.heads import ClassifierModel
 from tunelab.objectives.alignment_losses import (
@@ -290,7 +290,7 @@ class PPORuntime(Runtime):
                                batch_size=len(queries), temperature=cfg.temperature, top_k=cfg.top_k)
         stops = stop_token_ids(unwrap(self.policy), self.tokenizer)
         replies = [r if r else [stops[0]] for r in replies]
-        texts = [drop_lead(self.tokenizer.decode(r, skip_special_tokens=True), self.lead) for r in replies]
+        texts = [reply_text(self.tokenizer, r, self.lead) for r in replies]
         scores = torch.tensor(self.scorer([p.where for p in prompts], texts))  # (N,)
         if cfg.missing_stop_penalty is not None:
             scores = scores + torch.tensor([0.0 if r[-1] in stops else cfg.missing_stop_penalty for r in replies])

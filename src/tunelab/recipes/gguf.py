@@ -34,15 +34,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunelab.data.qa import exact_match, prompt_and_gold
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import (
-    drop_lead,
-    encode_prompt,
-    generate_ids,
-    reply_lead,
-    stop_token_ids,
-    until_stop,
-)
-from tunelab.world.chat import IM_END, IM_START
+from tunelab.inference.generation import encode_prompt, generate_ids, reply_lead, reply_text, stop_token_ids, until_stop
+from tunelab.world.chat import IM_END, IM_START, render_chat
 from tunelab.world.resolve import cache_root, resolve_task
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors llama.cpp; its gguf-py is gguf 0.19.0
@@ -198,7 +191,7 @@ def check(gguf_file: str | Path, model_dir: str | Path, *, n: int = 50, max_new_
         worst = max(worst, float(abs(gg - hf).max()))
         top5 += set(gg.argsort()[-5:]) == set(hf.argsort()[-5:])
     lead = reply_lead(tok)
-    decode = lambda rows: [drop_lead(tok.decode(r, skip_special_tokens=True), lead) for r in rows]  # noqa: E731
+    decode = lambda rows: [reply_text(tok, r, lead) for r in rows]  # noqa: E731
     hf_text, gg_text = decode(hf_rows), decode(gg_rows)
     k = len(records)
     return {
@@ -246,13 +239,6 @@ def check_section(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- Ollama
 
 
-def _chatml(messages: list[dict[str, str]], lead: str) -> str:
-    """ChatML with the generation prompt; `lead` starts every assistant message's content."""
-    turns = "".join(f"{IM_START}{m['role']}\n{lead if m['role'] == 'assistant' else ''}{m['content']}{IM_END}\n"
-                    for m in messages)
-    return turns + f"{IM_START}assistant\n"
-
-
 def modelfile(gguf_name: str, tokenizer: Any, *, adapter: str | None = None) -> str:
     """An Ollama Modelfile for a ChatML-family model (Qwen's template; tunelab-tiny's, which also starts
     every assistant reply with a space): the template in Ollama's Go syntax and the end-of-turn stop.
@@ -261,8 +247,8 @@ def modelfile(gguf_name: str, tokenizer: Any, *, adapter: str | None = None) -> 
              {"role": "assistant", "content": "A"}]
     template = getattr(tokenizer, "chat_template", None)
     rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True) if template else None
-    lead = next((lead for lead in ("", " ") if rendered == _chatml(probe, lead)), None)
-    if lead is None:
+    lead = reply_lead(tokenizer)
+    if rendered != render_chat(probe, add_generation_prompt=True, lead=lead):
         raise TunelabError("--ollama: the model's chat template is not ChatML (<|im_start|>role ... <|im_end|>), the "
                            "one family tunelab translates to Ollama's template syntax",
                            fix="drop --ollama and write the Modelfile's TEMPLATE by hand (the GGUF carries the "

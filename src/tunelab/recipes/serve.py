@@ -45,7 +45,7 @@ from torch import nn
 
 from tunelab.artifacts import load
 from tunelab.errors import TunelabError
-from tunelab.inference.generation import drop_lead, encode_prompt, reply_lead, stop_token_ids
+from tunelab.inference.generation import encode_prompt, reply_lead, reply_text, stop_token_ids
 
 MAX_BODY = 1 << 20
 DEFAULT_MAX_TOKENS = 256
@@ -237,11 +237,11 @@ def _texts(served: Served, adapter: str | None, job: Job) -> Iterator[tuple[str,
     for token in _stream_tokens(served, adapter, job):
         ids.append(token)
         if token in stop_ids:
-            text = drop_lead(tok.decode(ids[:-1], skip_special_tokens=True), job.lead)
+            text = reply_text(tok, ids[:-1], job.lead)
             cut = _cut(text, job.stops)
             yield (cut if cut is not None else text)[sent:], "stop", len(ids)
             return
-        text = drop_lead(tok.decode(ids, skip_special_tokens=True), job.lead)
+        text = reply_text(tok, ids, job.lead)
         cut = _cut(text, job.stops)
         if cut is not None:
             yield cut[sent:], "stop", len(ids)
@@ -252,7 +252,7 @@ def _texts(served: Served, adapter: str | None, job: Job) -> Iterator[tuple[str,
         if safe > sent:
             yield text[sent:safe], None, len(ids)
             sent = safe
-    text = drop_lead(tok.decode(ids, skip_special_tokens=True), job.lead)
+    text = reply_text(tok, ids, job.lead)
     yield text[sent:], "length", len(ids)
 
 

@@ -188,7 +188,7 @@ def cell_env(workers: int, environ: dict[str, str] | None = None, cores: int | N
 
 
 def _worker(store: Store, by_key: dict[str, Cell], out: Path, stop: threading.Event, progress: _Progress,
-            env: dict[str, str] | None = None) -> None:
+            env: dict[str, str]) -> None:
     order = list(by_key)
     while not stop.is_set():
         key = store.claim(order)
@@ -202,8 +202,7 @@ def _worker(store: Store, by_key: dict[str, Cell], out: Path, stop: threading.Ev
         progress.done(key, result)
 
 
-def _run_cell(store: Store, cell: Cell, out: Path, stop: threading.Event,
-              env: dict[str, str] | None = None) -> dict[str, Any]:
+def _run_cell(store: Store, cell: Cell, out: Path, stop: threading.Event, env: dict[str, str]) -> dict[str, Any]:
     folder = out / "cells" / cell.key
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(cell.config))

@@ -75,6 +75,12 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Test:
     return Test(mean, float(st.ttest_1samp(diffs, 0.0).pvalue))
 
 
+def sign_test(k: int, n: int) -> float:
+    """Two-sided exact binomial (sign) test of k successes in n at p = 1/2: e.g. questions one model gets
+    right and another wrong (k) among the questions where they differ (n). 1.0 when n is 0."""
+    return float(st.binomtest(k, n, 0.5).pvalue) if n else 1.0
+
+
 def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both: lower cost (x) and higher score (y)."""
     front = []
